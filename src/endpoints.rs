@@ -1,0 +1,38 @@
+//! The gateway's own endpoints (SPEC §5): never proxied, never rate limited.
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::Method;
+use actix_web::HttpResponse;
+
+use crate::actors::registry::GetHealthReport;
+use crate::error::GatewayError;
+use crate::proxy::WorkerContext;
+
+fn only_get(method: &Method) -> Result<(), GatewayError> {
+    if method == Method::GET || method == Method::HEAD {
+        Ok(())
+    } else {
+        Err(GatewayError::MethodNotAllowed {
+            allow: HeaderValue::from_static("GET, HEAD"),
+        })
+    }
+}
+
+/// `GET /health`: always 200 while the gateway runs; `status` tells the state.
+pub async fn health(method: &Method, ctx: &WorkerContext) -> Result<HttpResponse, GatewayError> {
+    only_get(method)?;
+    let report = ctx
+        .registry
+        .send(GetHealthReport)
+        .await
+        .map_err(|err| GatewayError::Internal(format!("registry unavailable: {err}")))?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/json")))
+        .body(serde_json::to_string(&report).map_err(|err| GatewayError::Internal(err.to_string()))?))
+}
+
+/// `GET /metrics`: reserved for the Prometheus exporter.
+pub async fn metrics(method: &Method) -> Result<HttpResponse, GatewayError> {
+    only_get(method)?;
+    Err(GatewayError::NotFound)
+}

@@ -1,0 +1,28 @@
+//! gatehouse: an API gateway on actix-web.
+//!
+//! A request travels through these modules, in order:
+//!
+//! - [`middleware`]: security headers, request id, logging span, then
+//!   [`middleware::route_match`], which normalizes the path ([`routing`]) and
+//!   picks the route.
+//! - [`startup`]'s dispatch handler answers the gateway's own [`endpoints`]
+//!   or hands the request to [`proxy`], which asks this worker's
+//!   [`actors::balancer`] for an instance and forwards with awc.
+//! - [`error`] maps every refusal to the spec's JSON bodies.
+//!
+//! State that changes while running lives in [`actors`]: the registry owns
+//! instance health, the health checker probes, the balancers rotate.
+//! [`settings`] loads the layered configuration; [`gateway`] is its compiled,
+//! immutable form; [`telemetry`] sets up logs; [`cli`] is the command line.
+
+pub mod actors;
+pub mod cli;
+pub mod endpoints;
+pub mod error;
+pub mod gateway;
+pub mod middleware;
+pub mod proxy;
+pub mod routing;
+pub mod settings;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,37 @@
+//! The `gatehouse` binary: parse the command line, load the settings, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use gatehouse::cli::{Cli, Command};
+use gatehouse::settings::{Settings, Sources};
+use gatehouse::{startup, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let sources = Sources::from_process(cli.config.clone());
+    let settings = match Settings::load(&sources) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("gatehouse: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => {
+            print!("{}", settings.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Serve => {
+            telemetry::init();
+            match actix_web::rt::System::new().block_on(startup::run(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!(%err, "gatehouse cannot start");
+                    eprintln!("gatehouse: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

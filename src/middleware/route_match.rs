@@ -1,0 +1,166 @@
+//! Steps 2–3 of the pipeline: refuse oversized heads (431) and bodies that
+//! declare too much (413), normalize the path (400), then decide what the
+//! request is for. The decision goes into the request's extensions as a
+//! [`Routed`], which the rate-limit and auth layers read and the dispatch
+//! handler acts on; 404 and 405 are answered there, after the limits.
+
+use std::future::{ready, Ready};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{Error, HttpMessage};
+use futures_util::future::{Either, LocalBoxFuture};
+
+use crate::error::GatewayError;
+use crate::gateway::Gateway;
+use crate::routing::{normalize_path, Route, RouteMatch};
+
+/// What a request is for, decided once.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Health,
+    Metrics,
+    Route(Arc<Route>),
+    NotFound,
+    MethodNotAllowed(HeaderValue),
+}
+
+/// The normalized path and the request's target.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// `None` when the raw path was already normal.
+    normalized: Option<String>,
+    pub target: Target,
+}
+
+impl Routed {
+    /// The normalized path: the one matched and the one forwarded.
+    pub fn path<'a>(&'a self, raw: &'a str) -> &'a str {
+        self.normalized.as_deref().unwrap_or(raw)
+    }
+
+    pub fn route(&self) -> Option<&Arc<Route>> {
+        match &self.target {
+            Target::Route(route) => Some(route),
+            _ => None,
+        }
+    }
+}
+
+/// Approximate size of the request head on the wire: request line, header
+/// lines and the blank line.
+fn head_size(req: &ServiceRequest) -> usize {
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |scheme| scheme.len() + 3)
+        + uri.authority().map_or(0, |authority| authority.as_str().len())
+        + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    let request_line = req.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    request_line + headers + 2
+}
+
+fn declared_length(req: &ServiceRequest) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.parse().ok())
+}
+
+fn classify(req: &ServiceRequest, gateway: &Gateway) -> Result<Routed, GatewayError> {
+    if head_size(req) > gateway.max_header_bytes {
+        return Err(GatewayError::HeaderFieldsTooLarge);
+    }
+    let normalized = normalize_path(req.path()).map_err(|err| {
+        tracing::debug!(path = req.path(), reason = %err, "path refused");
+        GatewayError::BadRequest("invalid path")
+    })?;
+    if declared_length(req).is_some_and(|length| length > gateway.max_body_bytes) {
+        return Err(GatewayError::PayloadTooLarge);
+    }
+    let target = match &*normalized {
+        "/health" => Target::Health,
+        "/metrics" => Target::Metrics,
+        path => match gateway.routes.lookup(path, req.method()) {
+            RouteMatch::Found(route) => Target::Route(route.clone()),
+            RouteMatch::MethodNotAllowed(allow) => Target::MethodNotAllowed(allow),
+            RouteMatch::NotFound => Target::NotFound,
+        },
+    };
+    if let Target::Route(route) = &target {
+        tracing::Span::current().record("route", &*route.name);
+    }
+    Ok(Routed {
+        normalized: match normalized {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(path) => Some(path),
+        },
+        target,
+    })
+}
+
+pub struct RouteMatcher {
+    gateway: Arc<Gateway>,
+}
+
+impl RouteMatcher {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+impl<S, B> Transform<S, ServiceRequest> for RouteMatcher
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = Error;
+    type Transform = RouteMatcherService<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(RouteMatcherService {
+            service: Rc::new(service),
+            gateway: self.gateway.clone(),
+        }))
+    }
+}
+
+pub struct RouteMatcherService<S> {
+    service: Rc<S>,
+    gateway: Arc<Gateway>,
+}
+
+impl<S, B> Service<ServiceRequest> for RouteMatcherService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = Error;
+    type Future = Either<
+        LocalBoxFuture<'static, Result<Self::Response, Self::Error>>,
+        Ready<Result<Self::Response, Self::Error>>,
+    >;
+
+    actix_web::dev::forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        match classify(&req, &self.gateway) {
+            Ok(routed) => {
+                req.extensions_mut().insert(routed);
+                let response = self.service.call(req);
+                Either::Left(Box::pin(async move { response.await.map(ServiceResponse::map_into_left_body) }))
+            }
+            Err(error) => Either::Right(ready(Ok(req.error_response(error).map_into_right_body()))),
+        }
+    }
+}

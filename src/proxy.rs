@@ -1,0 +1,469 @@
+//! Steps 6–8 of the pipeline: pick an instance, forward with awc, stream the
+//! answer back.
+//!
+//! Both bodies stream: the request body is handed to awc as a stream capped at
+//! `server.max_body_bytes`, the upstream's body is handed to actix as a stream,
+//! and neither is ever collected. Headers are rebuilt rather than patched: the
+//! client's headers are copied less hop-by-hop ones (and those its `Connection`
+//! names), then the gateway adds its own, so no client header can remove or
+//! impersonate them.
+
+use std::cell::Cell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use actix::Addr;
+use actix_http::body::{self as http_body, BoxBody, SizedStream};
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use actix_web::http::uri::{PathAndQuery, Uri};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use awc::error::{PayloadError, SendRequestError};
+use bytes::Bytes;
+use futures_util::Stream;
+
+use crate::actors::balancer::{BalancerActor, PickTarget};
+use crate::actors::registry::{PassiveFailures, RegistryActor, ReportPassiveFailure};
+use crate::error::GatewayError;
+use crate::gateway::{Gateway, Instance, Service};
+use crate::middleware::request_id::{RequestId, X_REQUEST_ID};
+use crate::routing::{strip_route_prefix, Route};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
+const X_USER_ROLES: HeaderName = HeaderName::from_static("x-user-roles");
+const X_POWERED_BY: HeaderName = HeaderName::from_static("x-powered-by");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Everything one HTTP worker needs to forward; built once per worker.
+pub struct WorkerContext {
+    pub gateway: Arc<Gateway>,
+    /// Pooled keep-alive connections, reused across this worker's requests.
+    pub client: awc::Client,
+    /// This worker's balancer, on this worker's arbiter.
+    pub balancer: Addr<BalancerActor>,
+    pub registry: Addr<RegistryActor>,
+    pub passive: Arc<PassiveFailures>,
+}
+
+/// The authenticated caller, set by the auth layer for the upstream.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub subject: String,
+    pub roles: Vec<String>,
+}
+
+/// Why one attempt to reach an instance failed.
+#[derive(Debug)]
+enum Failure {
+    Connect(String),
+    /// Reset or garbled before the response head.
+    Reset(String),
+    Timeout,
+    /// The request body outgrew `max_body_bytes` while streaming.
+    BodyTooLarge,
+    /// The client's own body failed (disconnect, bad chunking).
+    ClientBody,
+    Internal(String),
+}
+
+impl Failure {
+    fn classify(error: SendRequestError, body_overflowed: bool) -> Self {
+        match error {
+            _ if body_overflowed => Self::BodyTooLarge,
+            SendRequestError::Connect(err) => Self::Connect(err.to_string()),
+            SendRequestError::Timeout => Self::Timeout,
+            SendRequestError::Send(err) => Self::Reset(err.to_string()),
+            SendRequestError::Response(err) => Self::Reset(err.to_string()),
+            SendRequestError::H2(err) => Self::Reset(err.to_string()),
+            SendRequestError::Body(_) => Self::ClientBody,
+            other => Self::Internal(other.to_string()),
+        }
+    }
+
+    /// Failures that say something about the instance's health.
+    fn counts_against_instance(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::Reset(_) | Self::Timeout)
+    }
+
+    /// Failures after which a body-less request may go to another instance.
+    fn is_retryable(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::Reset(_))
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Reset(_) => "reset",
+            Self::Timeout => "timeout",
+            Self::BodyTooLarge => "body_too_large",
+            Self::ClientBody => "client_body",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    fn into_error(self, service: &Service) -> GatewayError {
+        let service = service.name.to_string();
+        match self {
+            Self::Connect(reason) | Self::Reset(reason) => GatewayError::ServiceUnavailable { service, reason },
+            Self::Timeout => GatewayError::GatewayTimeout { service },
+            Self::BodyTooLarge => GatewayError::PayloadTooLarge,
+            Self::ClientBody => GatewayError::BadRequest("request body failed"),
+            Self::Internal(reason) => GatewayError::Internal(reason),
+        }
+    }
+}
+
+fn unavailable(service: &Service, reason: &str) -> GatewayError {
+    GatewayError::ServiceUnavailable {
+        service: service.name.to_string(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// Forwards one request on `route` and streams the answer back.
+pub async fn forward(
+    req: &HttpRequest,
+    payload: web::Payload,
+    route: &Route,
+    path: &str,
+    ctx: &WorkerContext,
+) -> Result<HttpResponse, GatewayError> {
+    let service = &ctx.gateway.services[route.service];
+    let path_and_query = upstream_path_and_query(req, route, path)?;
+    let headers = upstream_headers(req, &ctx.gateway);
+    let body = RequestBody::of(req, payload, ctx.gateway.max_body_bytes);
+    let retry_allowed = body.is_none();
+
+    let first = pick(ctx, route.service, None).await?.ok_or_else(|| unavailable(service, "no healthy instance"))?;
+    let failure = match attempt(ctx, req, route.service, first, &path_and_query, headers.clone(), body).await {
+        Ok(response) => return Ok(response),
+        Err(failure) => failure,
+    };
+    if !(retry_allowed && failure.is_retryable()) {
+        return Err(failure.into_error(service));
+    }
+    let Some(second) = pick(ctx, route.service, Some(first)).await? else {
+        return Err(failure.into_error(service));
+    };
+    tracing::debug!(failed = %service.instances[first].url, retry = %service.instances[second].url, "retrying on the next instance");
+    attempt(ctx, req, route.service, second, &path_and_query, headers, RequestBody::none())
+        .await
+        .map_err(|failure| failure.into_error(service))
+}
+
+async fn pick(ctx: &WorkerContext, service: usize, exclude: Option<usize>) -> Result<Option<usize>, GatewayError> {
+    ctx.balancer
+        .send(PickTarget { service, exclude })
+        .await
+        .map_err(|err| GatewayError::Internal(format!("balancer unavailable: {err}")))
+}
+
+/// One try against one instance; on success the response is already built.
+async fn attempt(
+    ctx: &WorkerContext,
+    req: &HttpRequest,
+    service_index: usize,
+    index: usize,
+    path_and_query: &PathAndQuery,
+    mut headers: HeaderMap,
+    body: RequestBody,
+) -> Result<HttpResponse, Failure> {
+    let instance = &ctx.gateway.services[service_index].instances[index];
+    tracing::Span::current().record("instance", instance.url.as_str());
+    headers.insert(header::HOST, instance.host.clone());
+    let uri = upstream_uri(instance, path_and_query).map_err(Failure::Internal)?;
+
+    let mut request = ctx
+        .client
+        .request(req.method().clone(), uri)
+        .timeout(ctx.gateway.request_timeout)
+        .no_decompress();
+    *request.headers_mut() = headers;
+
+    let overflowed = body.overflow_flag();
+    let sent = match body {
+        RequestBody::None => request.send_body(http_body::None::new()).await,
+        RequestBody::Sized(length, stream) => request.send_body(SizedStream::new(length, stream)).await,
+        RequestBody::Chunked(stream) => request.send_stream(stream).await,
+    };
+    match sent {
+        Ok(response) => {
+            ctx.passive.record_success(service_index, index);
+            Ok(client_response(response, req.method()))
+        }
+        Err(error) => {
+            let failure = Failure::classify(error, overflowed.is_some_and(|flag| flag.get()));
+            tracing::warn!(instance = %instance.url, kind = failure.kind(), error = ?failure, "upstream request failed");
+            if failure.counts_against_instance() && ctx.passive.record_failure(service_index, index) {
+                ctx.registry.do_send(ReportPassiveFailure {
+                    service: service_index,
+                    instance: index,
+                    reason: failure.kind().to_owned(),
+                });
+            }
+            Err(failure)
+        }
+    }
+}
+
+fn upstream_path_and_query(req: &HttpRequest, route: &Route, path: &str) -> Result<PathAndQuery, GatewayError> {
+    let path = if route.strip_prefix {
+        strip_route_prefix(path, &route.prefix)
+    } else {
+        path.into()
+    };
+    let text = match req.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.into_owned(),
+    };
+    PathAndQuery::try_from(text).map_err(|_| GatewayError::BadRequest("invalid request target"))
+}
+
+fn upstream_uri(instance: &Instance, path_and_query: &PathAndQuery) -> Result<Uri, String> {
+    let path_and_query = if instance.base_path.is_empty() {
+        path_and_query.clone()
+    } else {
+        PathAndQuery::try_from(format!("{}{}", instance.base_path, path_and_query)).map_err(|err| err.to_string())?
+    };
+    Uri::builder()
+        .scheme(instance.scheme.clone())
+        .authority(instance.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|err| err.to_string())
+}
+
+/// True for headers that describe one connection, not the message.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == KEEP_ALIVE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == PROXY_CONNECTION
+}
+
+/// The header names listed in `Connection`, lower-cased.
+fn connection_named(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|token| token.trim().to_ascii_lowercase())
+        .filter(|token| !token.is_empty())
+        .collect()
+}
+
+/// Headers the gateway sets itself or never forwards, on top of hop-by-hop.
+fn is_gateway_owned(name: &HeaderName, trusted_peer: bool) -> bool {
+    name == header::HOST
+        || name == header::CONTENT_LENGTH
+        || name == header::EXPECT
+        || name == X_REQUEST_ID
+        || name == X_USER_ID
+        || name == X_USER_ROLES
+        || name == X_FORWARDED_FOR
+        || (!trusted_peer
+            && (name == header::FORWARDED || name == X_REAL_IP || name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST))
+}
+
+fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
+    let incoming = req.headers();
+    let named = connection_named(incoming);
+    let peer = req.peer_addr().map(|addr| addr.ip());
+    let trusted_peer = peer.is_some_and(|ip| gateway.is_trusted_proxy(ip));
+
+    let mut headers = HeaderMap::with_capacity(incoming.len() + 6);
+    for (name, value) in incoming.iter() {
+        if is_hop_by_hop(name)
+            || is_gateway_owned(name, trusted_peer)
+            || named.iter().any(|token| token == name.as_str())
+        {
+            continue;
+        }
+        headers.append(name.clone(), value.clone());
+    }
+
+    // Only after the client's headers are filtered does the gateway add its
+    // own, so `Connection: X-Forwarded-For` cannot remove them.
+    let peer_text = peer.map(|ip| ip.to_string()).unwrap_or_default();
+    let forwarded_for = if trusted_peer {
+        let prior: Vec<&str> = incoming
+            .get_all(X_FORWARDED_FOR)
+            .filter_map(|value| value.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            peer_text
+        } else {
+            format!("{}, {peer_text}", prior.join(", "))
+        }
+    } else {
+        peer_text
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key(&X_FORWARDED_HOST) {
+        let host = incoming
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| req.uri().authority().and_then(|authority| HeaderValue::from_str(authority.as_str()).ok()));
+        if let Some(host) = host {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+    }
+    if let Some(id) = req.extensions().get::<RequestId>() {
+        headers.insert(X_REQUEST_ID, id.value.clone());
+    }
+    if let Some(identity) = req.extensions().get::<Identity>() {
+        if let Ok(value) = HeaderValue::from_str(&identity.subject) {
+            headers.insert(X_USER_ID, value);
+        }
+        if let Ok(value) = HeaderValue::from_str(&identity.roles.join(",")) {
+            headers.insert(X_USER_ROLES, value);
+        }
+    }
+    headers
+}
+
+/// The upstream's answer as the client's response: status, headers less
+/// hop-by-hop, `Server` and `X-Powered-By`, and the body as a stream.
+fn client_response(mut upstream: awc::ClientResponse, method: &Method) -> HttpResponse {
+    let status = upstream.status();
+    let declared_length = upstream
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.trim().parse::<u64>().ok());
+    let payload = upstream.take_payload();
+    let bodiless = method == Method::HEAD || status == StatusCode::NOT_MODIFIED || status.is_informational() || status == StatusCode::NO_CONTENT;
+
+    let body = match (bodiless, declared_length) {
+        // HEAD keeps the length the upstream declared; actix writes no body.
+        (true, Some(length)) if method == Method::HEAD => BoxBody::new(SizedStream::new(length, EmptyStream)),
+        (true, _) => BoxBody::new(http_body::None::new()),
+        (false, Some(length)) => BoxBody::new(SizedStream::new(length, payload)),
+        (false, None) => BoxBody::new(http_body::BodyStream::new(payload)),
+    };
+
+    let mut response = HttpResponse::with_body(status, body);
+    let named = connection_named(upstream.headers());
+    let headers = response.headers_mut();
+    for (name, value) in upstream.headers().iter() {
+        if is_hop_by_hop(name)
+            || name == header::CONTENT_LENGTH
+            || name == header::SERVER
+            || name == X_POWERED_BY
+            || named.iter().any(|token| token == name.as_str())
+        {
+            continue;
+        }
+        headers.append(name.clone(), value.clone());
+    }
+    if status == StatusCode::NOT_MODIFIED {
+        if let Some(length) = declared_length.and_then(|length| HeaderValue::from_str(&length.to_string()).ok()) {
+            headers.insert(header::CONTENT_LENGTH, length);
+        }
+    }
+    response
+}
+
+struct EmptyStream;
+
+impl Stream for EmptyStream {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Poll::Ready(None)
+    }
+}
+
+/// The client's body as it will be sent upstream.
+enum RequestBody {
+    None,
+    /// Declared `Content-Length`: sent with the same length.
+    Sized(u64, CappedPayload),
+    /// Chunked: sent chunked, capped while it streams.
+    Chunked(CappedPayload),
+}
+
+impl RequestBody {
+    fn none() -> Self {
+        Self::None
+    }
+
+    fn of(req: &HttpRequest, payload: web::Payload, limit: u64) -> Self {
+        let length = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|text| text.parse::<u64>().ok());
+        let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+        match (length, chunked) {
+            (Some(0), false) | (None, false) => Self::None,
+            (Some(length), false) => Self::Sized(length, CappedPayload::new(payload, limit)),
+            (_, true) => Self::Chunked(CappedPayload::new(payload, limit)),
+        }
+    }
+
+    fn is_none(&self) -> bool {
+        matches!(self, Self::None)
+    }
+
+    fn overflow_flag(&self) -> Option<Rc<Cell<bool>>> {
+        match self {
+            Self::None => None,
+            Self::Sized(_, stream) | Self::Chunked(stream) => Some(stream.overflowed.clone()),
+        }
+    }
+}
+
+/// The client's body stream, failing once more than `remaining` bytes arrive.
+struct CappedPayload {
+    inner: web::Payload,
+    remaining: u64,
+    overflowed: Rc<Cell<bool>>,
+}
+
+impl CappedPayload {
+    fn new(inner: web::Payload, limit: u64) -> Self {
+        Self {
+            inner,
+            remaining: limit,
+            overflowed: Rc::new(Cell::new(false)),
+        }
+    }
+}
+
+impl Stream for CappedPayload {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                let size = chunk.len() as u64;
+                if size > this.remaining {
+                    this.overflowed.set(true);
+                    return Poll::Ready(Some(Err(PayloadError::Overflow)));
+                }
+                this.remaining -= size;
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,810 @@
+//! Typed, layered and validated configuration (SPEC §2).
+//!
+//! Layers, later wins: `settings/default.toml`, `settings/{GATEHOUSE_ENV}.toml`,
+//! `settings/local.toml`, the `--config` file, the seed's own variables
+//! (`JWT_SECRET`, `REDIS_URL`, `USER_SERVICE_URL`, …) and `GATEHOUSE__SECTION__KEY`
+//! variables. Unknown keys are errors, and validation reports every problem at
+//! once, each line naming its key, so a typo can never silently disable a limit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use jsonwebtoken::Algorithm;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::routing;
+
+/// Prefix of the structured environment overrides: `GATEHOUSE__SERVER__LISTEN`.
+const ENV_PREFIX: &str = "GATEHOUSE";
+/// The seed's variables naming one service's instances (comma-separated).
+const SEED_SERVICE_VARS: [(&str, &str); 4] = [
+    ("USER_SERVICE_URL", "user"),
+    ("PRODUCT_SERVICE_URL", "product"),
+    ("ORDER_SERVICE_URL", "order"),
+    ("ADMIN_SERVICE_URL", "admin"),
+];
+/// Paths answered by the gateway itself; no route may shadow them.
+pub const RESERVED_PATHS: [&str; 2] = ["/health", "/metrics"];
+/// Marker printed in place of a secret.
+const REDACTED: &str = "<redacted>";
+/// An HS secret shorter than this is refused for routes that need auth.
+pub const MIN_HS_SECRET_BYTES: usize = 32;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub health: HealthSettings,
+    pub auth: AuthSettings,
+    pub rate_limit: RateLimitSettings,
+    pub services: BTreeMap<String, ServiceSettings>,
+    pub routes: BTreeMap<String, RouteSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    /// 0 = one worker per CPU core.
+    pub workers: usize,
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub client_request_timeout_ms: u64,
+    pub shutdown_timeout_s: u64,
+    #[serde(deserialize_with = "list_or_csv")]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            workers: 0,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_header_bytes: 32 * 1024,
+            client_request_timeout_ms: 5000,
+            shutdown_timeout_s: 30,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSettings {
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    pub max_connections_per_host: usize,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 1000,
+            request_timeout_ms: 30_000,
+            max_connections_per_host: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSettings {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    pub passive_failures: u32,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            interval_ms: 10_000,
+            timeout_ms: 2000,
+            unhealthy_threshold: 2,
+            healthy_threshold: 1,
+            passive_failures: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    pub jwt_secret: Secret,
+    pub public_key_pem: String,
+    #[serde(deserialize_with = "list_or_csv")]
+    pub algorithms: Vec<Algorithm>,
+    pub issuer: String,
+    pub audience: String,
+    pub leeway_s: u64,
+    pub roles_claim: String,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            jwt_secret: Secret::default(),
+            public_key_pem: String::new(),
+            algorithms: vec![Algorithm::HS256],
+            issuer: String::new(),
+            audience: String::new(),
+            leeway_s: 30,
+            roles_claim: "role".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitBackend {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendErrorMode {
+    /// Count in process while Redis is unreachable.
+    Local,
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSettings {
+    pub backend: RateLimitBackend,
+    pub redis_url: RedisUrl,
+    pub key_prefix: String,
+    pub on_backend_error: BackendErrorMode,
+    pub redis_timeout_ms: u64,
+    /// Policy applied to every proxied or unmatched request; empty for none.
+    pub global: String,
+    pub policies: BTreeMap<String, PolicySettings>,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            backend: RateLimitBackend::Memory,
+            redis_url: RedisUrl("redis://127.0.0.1:6379".to_owned()),
+            key_prefix: "gatehouse:rl".to_owned(),
+            on_backend_error: BackendErrorMode::Local,
+            redis_timeout_ms: 250,
+            global: String::new(),
+            policies: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKey {
+    /// The client address.
+    Ip,
+    /// The JWT `sub`; the client address when there is no token.
+    User,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    pub window_s: u64,
+    pub max: u64,
+    #[serde(default = "default_policy_key")]
+    pub key: PolicyKey,
+    #[serde(default = "default_policy_message")]
+    pub message: String,
+}
+
+fn default_policy_key() -> PolicyKey {
+    PolicyKey::Ip
+}
+
+fn default_policy_message() -> String {
+    "Too many requests".to_owned()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSettings {
+    #[serde(deserialize_with = "list_or_csv")]
+    pub instances: Vec<String>,
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+}
+
+fn default_health_path() -> String {
+    "/health".to_owned()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    pub prefix: String,
+    pub service: String,
+    #[serde(default)]
+    pub auth: bool,
+    #[serde(default, deserialize_with = "list_or_csv")]
+    pub roles: Vec<String>,
+    #[serde(default, deserialize_with = "list_or_csv")]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub strip_prefix: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
+}
+
+impl RouteSettings {
+    /// `roles` implies `auth`.
+    pub fn needs_auth(&self) -> bool {
+        self.auth || !self.roles.is_empty()
+    }
+}
+
+/// A secret string: readable by the code that needs it, never printed.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { REDACTED })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(if self.0.is_empty() { "" } else { REDACTED })
+    }
+}
+
+/// A Redis URL whose password, if any, is never printed.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password replaced, for logs and `check-config`.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut url) if url.password().is_some() => {
+                let _ = url.set_password(Some(REDACTED));
+                url.to_string()
+            }
+            Ok(_) => self.0.clone(),
+            Err(_) => REDACTED.to_owned(),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
+/// Accepts a TOML array or a comma-separated string, so that list keys can be
+/// overridden from one environment variable.
+fn list_or_csv<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr + Deserialize<'de>,
+    T::Err: fmt::Display,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCsv<T> {
+        List(Vec<T>),
+        Csv(String),
+    }
+    match ListOrCsv::<T>::deserialize(deserializer)? {
+        ListOrCsv::List(items) => Ok(items),
+        ListOrCsv::Csv(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(|item| {
+                item.parse()
+                    .map_err(|err| serde::de::Error::custom(format!("{item:?}: {err}")))
+            })
+            .collect(),
+    }
+}
+
+/// Where the layers come from; `from_process` reads the real environment,
+/// tests build one by hand.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub settings_dir: PathBuf,
+    /// `GATEHOUSE_ENV`: picks `settings/{environment}.toml`.
+    pub environment: String,
+    /// The `--config` file, the last file layer.
+    pub config_file: Option<PathBuf>,
+    /// Environment variables considered for overrides.
+    pub vars: HashMap<String, String>,
+}
+
+impl Sources {
+    pub fn from_process(config_file: Option<PathBuf>) -> Self {
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Self {
+            settings_dir: vars
+                .get("GATEHOUSE_SETTINGS_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("settings")),
+            environment: vars
+                .get("GATEHOUSE_ENV")
+                .filter(|env| !env.is_empty())
+                .cloned()
+                .unwrap_or_else(|| "development".to_owned()),
+            config_file,
+            vars,
+        }
+    }
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(String),
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+impl Settings {
+    /// Reads every layer, then validates the result.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let settings = Self::read_layers(sources)?;
+        settings.validate().map_err(ConfigError::Invalid)?;
+        Ok(settings)
+    }
+
+    fn read_layers(sources: &Sources) -> Result<Self, ConfigError> {
+        use config::{Config, Environment, File};
+
+        let dir = &sources.settings_dir;
+        let default_file = dir.join("default.toml");
+        if !default_file.is_file() {
+            return Err(ConfigError::Load(format!(
+                "{}: not found (set GATEHOUSE_SETTINGS_DIR to the settings directory)",
+                default_file.display()
+            )));
+        }
+        let mut builder = Config::builder()
+            .add_source(File::from(default_file))
+            .add_source(File::from(dir.join(format!("{}.toml", sources.environment))).required(false))
+            .add_source(File::from(dir.join("local.toml")).required(false));
+        if let Some(file) = &sources.config_file {
+            if !file.is_file() {
+                return Err(ConfigError::Load(format!("--config {}: not found", file.display())));
+            }
+            builder = builder.add_source(File::from(file.as_path()));
+        }
+        let structured: config::Map<String, String> = sources
+            .vars
+            .iter()
+            .filter(|(name, _)| name.starts_with(&format!("{ENV_PREFIX}__")))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        let config = builder
+            .add_source(SeedVariables::from_vars(&sources.vars))
+            .add_source(
+                Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .source(Some(structured)),
+            )
+            .build()
+            .map_err(|err| ConfigError::Load(err.to_string()))?;
+        serde_path_to_error::deserialize(config).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner().to_string();
+            ConfigError::Invalid(vec![format!("{path}: {inner}")])
+        })
+    }
+
+    /// Every problem at once, each line `key: reason`.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        let mut problem = |key: String, reason: String| problems.push(format!("{key}: {reason}"));
+
+        let positive = [
+            ("server.client_request_timeout_ms", self.server.client_request_timeout_ms),
+            ("server.max_body_bytes", self.server.max_body_bytes),
+            ("server.max_header_bytes", self.server.max_header_bytes as u64),
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.request_timeout_ms", self.upstream.request_timeout_ms),
+            ("upstream.max_connections_per_host", self.upstream.max_connections_per_host as u64),
+            ("health.interval_ms", self.health.interval_ms),
+            ("health.timeout_ms", self.health.timeout_ms),
+            ("health.unhealthy_threshold", self.health.unhealthy_threshold.into()),
+            ("health.healthy_threshold", self.health.healthy_threshold.into()),
+            ("health.passive_failures", self.health.passive_failures.into()),
+            ("rate_limit.redis_timeout_ms", self.rate_limit.redis_timeout_ms),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                problem(key.to_owned(), "must be greater than 0".to_owned());
+            }
+        }
+
+        if self.services.is_empty() {
+            problem("services".to_owned(), "at least one service is required".to_owned());
+        }
+        for (name, service) in &self.services {
+            let key = format!("services.{name}");
+            if service.instances.is_empty() {
+                problem(format!("{key}.instances"), "at least one instance URL is required".to_owned());
+            }
+            for url in &service.instances {
+                if let Err(reason) = check_instance_url(url) {
+                    problem(format!("{key}.instances"), format!("{url:?}: {reason}"));
+                }
+            }
+            if !service.health_path.starts_with('/') {
+                problem(format!("{key}.health_path"), "must start with \"/\"".to_owned());
+            }
+        }
+
+        for (name, route) in &self.routes {
+            let key = format!("routes.{name}");
+            match routing::normalize_path(&route.prefix) {
+                Ok(normalized) if normalized == route.prefix => {}
+                Ok(normalized) => problem(
+                    format!("{key}.prefix"),
+                    format!("{:?} is not a normalized path (did you mean {normalized:?}?)", route.prefix),
+                ),
+                Err(_) => problem(format!("{key}.prefix"), format!("{:?} is not a valid absolute path", route.prefix)),
+            }
+            if let Some(reserved) = RESERVED_PATHS.iter().find(|reserved| routing::prefix_matches(&route.prefix, reserved)) {
+                problem(
+                    format!("{key}.prefix"),
+                    format!("{:?} is reserved for the gateway's own {reserved} endpoint", route.prefix),
+                );
+            }
+            if !self.services.contains_key(&route.service) {
+                problem(format!("{key}.service"), format!("no service named {:?}", route.service));
+            }
+            for method in &route.methods {
+                if actix_web::http::Method::from_bytes(method.as_bytes()).is_err() {
+                    problem(format!("{key}.methods"), format!("{method:?} is not an HTTP method"));
+                }
+            }
+            if route.roles.iter().any(|role| role.is_empty()) {
+                problem(format!("{key}.roles"), "roles must not be empty strings".to_owned());
+            }
+            if let Some(policy) = &route.rate_limit {
+                if !self.rate_limit.policies.contains_key(policy) {
+                    problem(format!("{key}.rate_limit"), format!("no policy named {policy:?}"));
+                }
+            }
+        }
+        // Two routes with one prefix and a method in common would make the
+        // winner depend on file order.
+        let routes: Vec<_> = self.routes.iter().collect();
+        for (i, (name_a, a)) in routes.iter().enumerate() {
+            for (name_b, b) in &routes[i + 1..] {
+                let methods_overlap = a.methods.is_empty()
+                    || b.methods.is_empty()
+                    || a.methods.iter().any(|m| b.methods.iter().any(|n| m.eq_ignore_ascii_case(n)));
+                if a.prefix == b.prefix && methods_overlap {
+                    problem(
+                        format!("routes.{name_b}.prefix"),
+                        format!("{:?} is also the prefix of routes.{name_a} for the same methods", b.prefix),
+                    );
+                }
+            }
+        }
+
+        let rate_limit = &self.rate_limit;
+        if !rate_limit.global.is_empty() && !rate_limit.policies.contains_key(&rate_limit.global) {
+            problem("rate_limit.global".to_owned(), format!("no policy named {:?}", rate_limit.global));
+        }
+        for (name, policy) in &rate_limit.policies {
+            let key = format!("rate_limit.policies.{name}");
+            if policy.window_s == 0 {
+                problem(format!("{key}.window_s"), "must be greater than 0".to_owned());
+            }
+            if policy.max == 0 {
+                problem(format!("{key}.max"), "must be greater than 0".to_owned());
+            }
+        }
+        match url::Url::parse(rate_limit.redis_url.expose()) {
+            Ok(url) if matches!(url.scheme(), "redis" | "rediss" | "unix" | "redis+unix") => {}
+            _ => problem(
+                "rate_limit.redis_url".to_owned(),
+                "must be a redis://, rediss:// or unix:// URL".to_owned(),
+            ),
+        }
+        if rate_limit.key_prefix.is_empty() {
+            problem("rate_limit.key_prefix".to_owned(), "must not be empty".to_owned());
+        }
+
+        for problem_line in self.auth_problems() {
+            problems.push(problem_line);
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The start-up refusals of SPEC §2: a route that needs auth must have a key
+    /// for every configured algorithm family.
+    fn auth_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let auth = &self.auth;
+        if auth.algorithms.is_empty() {
+            problems.push("auth.algorithms: at least one algorithm is required".to_owned());
+        }
+        if !auth.jwt_secret.is_empty() && auth.jwt_secret.expose().len() < MIN_HS_SECRET_BYTES {
+            problems.push(format!("auth.jwt_secret: must be at least {MIN_HS_SECRET_BYTES} bytes"));
+        }
+        let needs_auth = self.routes.values().any(RouteSettings::needs_auth);
+        if !needs_auth {
+            return problems;
+        }
+        let has_hs = auth.algorithms.iter().any(|alg| is_hmac(*alg));
+        let has_public = auth.algorithms.iter().any(|alg| !is_hmac(*alg));
+        if has_hs && auth.jwt_secret.is_empty() {
+            problems.push(format!(
+                "auth.jwt_secret: routes need auth with {} but no secret is set (JWT_SECRET or auth.jwt_secret, at least {MIN_HS_SECRET_BYTES} bytes)",
+                algorithm_names(auth.algorithms.iter().filter(|alg| is_hmac(**alg)))
+            ));
+        }
+        if has_public {
+            if auth.public_key_pem.is_empty() {
+                problems.push(format!(
+                    "auth.public_key_pem: routes need auth with {} but no public key file is set",
+                    algorithm_names(auth.algorithms.iter().filter(|alg| !is_hmac(**alg)))
+                ));
+            } else if let Err(err) = std::fs::metadata(Path::new(&auth.public_key_pem)).and_then(|_| {
+                std::fs::File::open(&auth.public_key_pem).map(|_| ())
+            }) {
+                problems.push(format!("auth.public_key_pem: cannot read {:?}: {err}", auth.public_key_pem));
+            }
+        }
+        problems
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot render settings: {err}\n"))
+    }
+
+    /// True when the configured HS secret is the development one shipped in
+    /// `settings/development.toml`.
+    pub fn uses_dev_secret(&self) -> bool {
+        self.auth.jwt_secret.expose().starts_with(DEV_SECRET_MARKER)
+    }
+}
+
+/// Every shipped development secret starts with this, so the gateway can warn.
+pub const DEV_SECRET_MARKER: &str = "dev-only-insecure-secret";
+
+pub fn is_hmac(algorithm: Algorithm) -> bool {
+    matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+fn algorithm_names<'a>(algorithms: impl Iterator<Item = &'a Algorithm>) -> String {
+    algorithms.map(|alg| format!("{alg:?}")).collect::<Vec<_>>().join("/")
+}
+
+fn check_instance_url(raw: &str) -> Result<(), String> {
+    let url = url::Url::parse(raw).map_err(|err| format!("not an absolute URL ({err})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("scheme must be http or https".to_owned());
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("a host is required".to_owned());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials in instance URLs are not supported".to_owned());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("a query or fragment is not allowed".to_owned());
+    }
+    Ok(())
+}
+
+/// The seed tutorial's variables, below `GATEHOUSE__…` in precedence.
+#[derive(Debug, Clone)]
+struct SeedVariables(config::Map<String, config::Value>);
+
+impl SeedVariables {
+    fn from_vars(vars: &HashMap<String, String>) -> Self {
+        let origin = Some("environment".to_owned());
+        let mut map = config::Map::new();
+        let mut set = |key: String, value: &str| {
+            map.insert(key, config::Value::new(origin.as_ref(), value.to_owned()));
+        };
+        if let Some(secret) = vars.get("JWT_SECRET") {
+            set("auth.jwt_secret".to_owned(), secret);
+        }
+        if let Some(url) = vars.get("REDIS_URL") {
+            set("rate_limit.redis_url".to_owned(), url);
+        }
+        for (var, service) in SEED_SERVICE_VARS {
+            if let Some(urls) = vars.get(var) {
+                set(format!("services.{service}.instances"), urls);
+            }
+        }
+        Self(map)
+    }
+}
+
+impl config::Source for SeedVariables {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
+        // Dotted keys must be expanded into nested tables, as other sources do.
+        let mut root = config::Map::new();
+        for (key, value) in &self.0 {
+            insert_dotted(&mut root, key, value.clone());
+        }
+        Ok(root)
+    }
+}
+
+fn insert_dotted(table: &mut config::Map<String, config::Value>, key: &str, value: config::Value) {
+    match key.split_once('.') {
+        None => {
+            table.insert(key.to_owned(), value);
+        }
+        Some((head, rest)) => {
+            let entry = table
+                .entry(head.to_owned())
+                .or_insert_with(|| config::Value::new(None, config::Map::<String, config::Value>::new()));
+            let mut nested = entry.clone().into_table().unwrap_or_default();
+            insert_dotted(&mut nested, rest, value);
+            *entry = config::Value::new(None, nested);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings_with(extra: &str) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("default.toml"),
+            format!(
+                r#"
+[services.user]
+instances = ["http://127.0.0.1:3001"]
+[routes.users]
+prefix = "/api/users"
+service = "user"
+{extra}
+"#
+            ),
+        )
+        .unwrap();
+        Settings::load(&Sources {
+            settings_dir: dir.path().to_owned(),
+            environment: "test".to_owned(),
+            config_file: None,
+            vars: HashMap::new(),
+        })
+    }
+
+    fn problems(extra: &str) -> Vec<String> {
+        match settings_with(extra) {
+            Err(ConfigError::Invalid(problems)) => problems,
+            other => panic!("expected validation problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_minimal_file_gets_every_default() {
+        let settings = settings_with("").unwrap();
+        assert_eq!(settings.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(settings.upstream.request_timeout_ms, 30_000);
+        assert_eq!(settings.health.unhealthy_threshold, 2);
+        assert_eq!(settings.auth.algorithms, vec![Algorithm::HS256]);
+        assert_eq!(settings.rate_limit.backend, RateLimitBackend::Memory);
+        assert_eq!(settings.services["user"].health_path, "/health");
+    }
+
+    #[test]
+    fn validation_names_the_key_and_the_reason() {
+        let cases = [
+            ("[routes.bad]\nprefix = \"/x\"\nservice = \"usr\"", "routes.bad.service: no service named \"usr\""),
+            ("[routes.h]\nprefix = \"/health\"\nservice = \"user\"", "routes.h.prefix: \"/health\" is reserved"),
+            ("[routes.m]\nprefix = \"/metrics/x\"\nservice = \"user\"", "routes.m.prefix: \"/metrics/x\" is reserved"),
+            ("[routes.r]\nprefix = \"api\"\nservice = \"user\"", "routes.r.prefix: \"api\" is not a valid absolute path"),
+            ("[routes.d]\nprefix = \"/a/../b\"\nservice = \"user\"", "routes.d.prefix: \"/a/../b\" is not a normalized path"),
+            ("[routes.p]\nprefix = \"/p\"\nservice = \"user\"\nrate_limit = \"nope\"", "routes.p.rate_limit: no policy named \"nope\""),
+            ("[routes.q]\nprefix = \"/q\"\nservice = \"user\"\nmethods = [\"G T\"]", "routes.q.methods: \"G T\" is not an HTTP method"),
+            ("[services.bad]\ninstances = [\"ftp://x\"]", "services.bad.instances: \"ftp://x\": scheme must be http or https"),
+            ("[services.rel]\ninstances = [\"/relative\"]", "services.rel.instances: \"/relative\": not an absolute URL"),
+            ("[services.none]\ninstances = []", "services.none.instances: at least one instance URL is required"),
+            ("[health]\ninterval_ms = 0", "health.interval_ms: must be greater than 0"),
+            ("[rate_limit]\nglobal = \"missing\"", "rate_limit.global: no policy named \"missing\""),
+            ("[rate_limit]\nredis_url = \"http://x\"", "rate_limit.redis_url: must be a redis://"),
+            ("[routes.dup]\nprefix = \"/api/users\"\nservice = \"user\"", "routes.users.prefix: \"/api/users\" is also the prefix of routes.dup"),
+        ];
+        for (extra, expected) in cases {
+            let found = problems(extra);
+            assert!(
+                found.iter().any(|line| line.starts_with(expected)),
+                "for {extra:?} expected a line starting {expected:?}, got {found:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let found = problems("[health]\ninterval_ms = 0\ntimeout_ms = 0\n[routes.x]\nprefix = \"/x\"\nservice = \"nope\"");
+        assert_eq!(found.len(), 3, "{found:?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let found = problems("[server]\nlistn = \"127.0.0.1:1\"");
+        assert!(found[0].starts_with("server.listn: unknown field `listn`"), "{found:?}");
+        let found = problems("[routes.users.extra]\nx = 1");
+        assert!(found[0].contains("unknown field `extra`"), "{found:?}");
+    }
+
+    #[test]
+    fn auth_routes_need_a_long_enough_secret() {
+        let found = problems("auth = true");
+        assert!(found.iter().any(|l| l.starts_with("auth.jwt_secret: routes need auth")), "{found:?}");
+        let found = problems("auth = true\n[auth]\njwt_secret = \"short\"");
+        assert!(found.iter().any(|l| l.starts_with("auth.jwt_secret: must be at least 32 bytes")), "{found:?}");
+        let found = problems("auth = true\n[auth]\nalgorithms = [\"RS256\"]");
+        assert!(found.iter().any(|l| l.starts_with("auth.public_key_pem:")), "{found:?}");
+        let found = problems("auth = true\n[auth]\nalgorithms = [\"RS256\"]\npublic_key_pem = \"/nonexistent.pem\"");
+        assert!(found.iter().any(|l| l.starts_with("auth.public_key_pem: cannot read")), "{found:?}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_the_printed_config() {
+        let settings = settings_with(
+            "[auth]\njwt_secret = \"0123456789abcdef0123456789abcdef-top\"\n[rate_limit]\nredis_url = \"redis://:hunter2@127.0.0.1:6379/0\"",
+        )
+        .unwrap();
+        let printed = settings.to_redacted_toml();
+        assert!(!printed.contains("0123456789abcdef"), "{printed}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("redis://:%3Credacted%3E@127.0.0.1:6379/0") || printed.contains("<redacted>"), "{printed}");
+        assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,67 @@
+//! Logging: a `tracing` subscriber (text, or JSON lines with
+//! `GATEHOUSE_LOG_FORMAT=json`) filtered by `GATEHOUSE_LOG` or `RUST_LOG`,
+//! and the per-request root span for `tracing-actix-web`.
+//!
+//! Every request gets one span carrying its request id, route and instance,
+//! so every line logged while serving it names the request, and one
+//! `request completed` line with status and latency.
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::{Error, HttpMessage};
+use tracing::Span;
+use tracing_actix_web::RootSpanBuilder;
+use tracing_subscriber::EnvFilter;
+
+use crate::middleware::request_id::RequestId;
+
+/// Installs the global subscriber; logs go to stderr so that commands such as
+/// `gatehouse token` keep stdout for their output.
+pub fn init() {
+    let filter = std::env::var("GATEHOUSE_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .and_then(|directives| EnvFilter::try_new(directives).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let json = std::env::var("GATEHOUSE_LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().with_current_span(true).with_span_list(false).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The root span of each request.
+pub struct GatewayRootSpan;
+
+impl RootSpanBuilder for GatewayRootSpan {
+    fn on_request_start(request: &ServiceRequest) -> Span {
+        let extensions = request.extensions();
+        let request_id = extensions.get::<RequestId>().map(RequestId::as_str).unwrap_or("");
+        tracing::info_span!(
+            "request",
+            request_id = %request_id,
+            method = %request.method(),
+            path = %request.path(),
+            route = tracing::field::Empty,
+            instance = tracing::field::Empty,
+        )
+    }
+
+    fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
+        let _entered = span.enter();
+        match outcome {
+            Ok(response) => {
+                let latency_ms = response
+                    .request()
+                    .extensions()
+                    .get::<RequestId>()
+                    .map(|id| id.started.elapsed().as_secs_f64() * 1000.0)
+                    .unwrap_or_default();
+                tracing::info!(status = response.status().as_u16(), latency_ms, "request completed");
+            }
+            Err(error) => tracing::error!(%error, "request failed"),
+        }
+    }
+}
