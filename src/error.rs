@@ -28,10 +28,7 @@ pub enum GatewayError {
     #[error("token lacks every required role")]
     InsufficientPermissions,
     #[error("rate limited by policy {policy}")]
-    RateLimited {
-        policy: String,
-        message: String,
-    },
+    RateLimited { policy: String, message: String },
     #[error("rate limit backend unavailable")]
     RateLimitBackendUnavailable,
     #[error("service {service} unavailable: {reason}")]
@@ -71,7 +68,9 @@ impl GatewayError {
 
     fn service(&self) -> Option<&str> {
         match self {
-            Self::ServiceUnavailable { service, .. } | Self::GatewayTimeout { service } => Some(service),
+            Self::ServiceUnavailable { service, .. } | Self::GatewayTimeout { service } => {
+                Some(service)
+            }
             _ => None,
         }
     }
@@ -88,7 +87,9 @@ impl ResponseError for GatewayError {
             Self::TokenRequired => StatusCode::UNAUTHORIZED,
             Self::InvalidToken(_) | Self::InsufficientPermissions => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::RateLimitBackendUnavailable | Self::ServiceUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimitBackendUnavailable | Self::ServiceUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -106,17 +107,24 @@ impl ResponseError for GatewayError {
             service: self.service(),
         };
         let mut response = HttpResponse::build(status);
-        response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/json")));
+        response.insert_header((
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        ));
         match self {
             Self::MethodNotAllowed { allow } => {
                 response.insert_header((header::ALLOW, allow.clone()));
             }
             Self::TokenRequired => {
-                response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+                response
+                    .insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
             }
             _ => {}
         }
-        response.body(serde_json::to_string(&body).unwrap_or_else(|_| r#"{"error":"Internal gateway error"}"#.to_owned()))
+        response.body(
+            serde_json::to_string(&body)
+                .unwrap_or_else(|_| r#"{"error":"Internal gateway error"}"#.to_owned()),
+        )
     }
 }
 
@@ -135,21 +143,62 @@ mod tests {
     #[test]
     fn bodies_match_the_spec() {
         let cases = [
-            (GatewayError::BadRequest("x"), 400, r#"{"error":"Bad request"}"#),
-            (GatewayError::NotFound, 404, r#"{"error":"Not found"}"#),
-            (GatewayError::PayloadTooLarge, 413, r#"{"error":"Payload too large"}"#),
-            (GatewayError::HeaderFieldsTooLarge, 431, r#"{"error":"Request header fields too large"}"#),
-            (GatewayError::TokenRequired, 401, r#"{"error":"Access token required"}"#),
-            (GatewayError::InvalidToken("exp".into()), 403, r#"{"error":"Invalid token"}"#),
-            (GatewayError::InsufficientPermissions, 403, r#"{"error":"Insufficient permissions"}"#),
             (
-                GatewayError::ServiceUnavailable { service: "user".into(), reason: "refused".into() },
+                GatewayError::BadRequest("x"),
+                400,
+                r#"{"error":"Bad request"}"#,
+            ),
+            (GatewayError::NotFound, 404, r#"{"error":"Not found"}"#),
+            (
+                GatewayError::PayloadTooLarge,
+                413,
+                r#"{"error":"Payload too large"}"#,
+            ),
+            (
+                GatewayError::HeaderFieldsTooLarge,
+                431,
+                r#"{"error":"Request header fields too large"}"#,
+            ),
+            (
+                GatewayError::TokenRequired,
+                401,
+                r#"{"error":"Access token required"}"#,
+            ),
+            (
+                GatewayError::InvalidToken("exp".into()),
+                403,
+                r#"{"error":"Invalid token"}"#,
+            ),
+            (
+                GatewayError::InsufficientPermissions,
+                403,
+                r#"{"error":"Insufficient permissions"}"#,
+            ),
+            (
+                GatewayError::ServiceUnavailable {
+                    service: "user".into(),
+                    reason: "refused".into(),
+                },
                 503,
                 r#"{"error":"Service unavailable","service":"user"}"#,
             ),
-            (GatewayError::GatewayTimeout { service: "user".into() }, 504, r#"{"error":"Gateway timeout","service":"user"}"#),
-            (GatewayError::Internal("boom".into()), 500, r#"{"error":"Internal gateway error"}"#),
-            (GatewayError::RateLimitBackendUnavailable, 503, r#"{"error":"Rate limit backend unavailable"}"#),
+            (
+                GatewayError::GatewayTimeout {
+                    service: "user".into(),
+                },
+                504,
+                r#"{"error":"Gateway timeout","service":"user"}"#,
+            ),
+            (
+                GatewayError::Internal("boom".into()),
+                500,
+                r#"{"error":"Internal gateway error"}"#,
+            ),
+            (
+                GatewayError::RateLimitBackendUnavailable,
+                503,
+                r#"{"error":"Rate limit backend unavailable"}"#,
+            ),
         ];
         for (error, status, body) in cases {
             assert_eq!(body_of(error), (status, body.to_owned()));

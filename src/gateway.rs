@@ -54,7 +54,10 @@ impl Gateway {
             let instances = service
                 .instances
                 .iter()
-                .map(|url| Instance::parse(url).map_err(|err| format!("services.{name}.instances: {url:?}: {err}")))
+                .map(|url| {
+                    Instance::parse(url)
+                        .map_err(|err| format!("services.{name}.instances: {url:?}: {err}"))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             services.push(Service {
                 name: name.as_str().into(),
@@ -67,7 +70,12 @@ impl Gateway {
             let service = services
                 .iter()
                 .position(|service| *service.name == *route.service)
-                .ok_or_else(|| format!("routes.{name}.service: no service named {:?}", route.service))?;
+                .ok_or_else(|| {
+                    format!(
+                        "routes.{name}.service: no service named {:?}",
+                        route.service
+                    )
+                })?;
             let methods = if route.methods.is_empty() {
                 None
             } else {
@@ -101,7 +109,9 @@ impl Gateway {
     }
 
     pub fn is_trusted_proxy(&self, address: std::net::IpAddr) -> bool {
-        self.trusted_proxies.iter().any(|net| net.contains(&address))
+        self.trusted_proxies
+            .iter()
+            .any(|net| net.contains(&address))
     }
 }
 
@@ -114,7 +124,8 @@ impl Instance {
             Some(port) => format!("{host}:{port}"),
             None => host.to_owned(),
         };
-        let authority = Authority::try_from(authority_text.as_str()).map_err(|err| err.to_string())?;
+        let authority =
+            Authority::try_from(authority_text.as_str()).map_err(|err| err.to_string())?;
         Ok(Self {
             url: raw.to_owned(),
             scheme,

@@ -111,7 +111,9 @@ impl Failure {
     fn into_error(self, service: &Service) -> GatewayError {
         let service = service.name.to_string();
         match self {
-            Self::Connect(reason) | Self::Reset(reason) => GatewayError::ServiceUnavailable { service, reason },
+            Self::Connect(reason) | Self::Reset(reason) => {
+                GatewayError::ServiceUnavailable { service, reason }
+            }
             Self::Timeout => GatewayError::GatewayTimeout { service },
             Self::BodyTooLarge => GatewayError::PayloadTooLarge,
             Self::ClientBody => GatewayError::BadRequest("request body failed"),
@@ -141,8 +143,20 @@ pub async fn forward(
     let body = RequestBody::of(req, payload, ctx.gateway.max_body_bytes);
     let retry_allowed = body.is_none();
 
-    let first = pick(ctx, route.service, None).await?.ok_or_else(|| unavailable(service, "no healthy instance"))?;
-    let failure = match attempt(ctx, req, route.service, first, &path_and_query, headers.clone(), body).await {
+    let first = pick(ctx, route.service, None)
+        .await?
+        .ok_or_else(|| unavailable(service, "no healthy instance"))?;
+    let failure = match attempt(
+        ctx,
+        req,
+        route.service,
+        first,
+        &path_and_query,
+        headers.clone(),
+        body,
+    )
+    .await
+    {
         Ok(response) => return Ok(response),
         Err(failure) => failure,
     };
@@ -153,12 +167,24 @@ pub async fn forward(
         return Err(failure.into_error(service));
     };
     tracing::debug!(failed = %service.instances[first].url, retry = %service.instances[second].url, "retrying on the next instance");
-    attempt(ctx, req, route.service, second, &path_and_query, headers, RequestBody::none())
-        .await
-        .map_err(|failure| failure.into_error(service))
+    attempt(
+        ctx,
+        req,
+        route.service,
+        second,
+        &path_and_query,
+        headers,
+        RequestBody::none(),
+    )
+    .await
+    .map_err(|failure| failure.into_error(service))
 }
 
-async fn pick(ctx: &WorkerContext, service: usize, exclude: Option<usize>) -> Result<Option<usize>, GatewayError> {
+async fn pick(
+    ctx: &WorkerContext,
+    service: usize,
+    exclude: Option<usize>,
+) -> Result<Option<usize>, GatewayError> {
     ctx.balancer
         .send(PickTarget { service, exclude })
         .await
@@ -190,7 +216,9 @@ async fn attempt(
     let overflowed = body.overflow_flag();
     let sent = match body {
         RequestBody::None => request.send_body(http_body::None::new()).await,
-        RequestBody::Sized(length, stream) => request.send_body(SizedStream::new(length, stream)).await,
+        RequestBody::Sized(length, stream) => {
+            request.send_body(SizedStream::new(length, stream)).await
+        }
         RequestBody::Chunked(stream) => request.send_stream(stream).await,
     };
     match sent {
@@ -201,7 +229,8 @@ async fn attempt(
         Err(error) => {
             let failure = Failure::classify(error, overflowed.is_some_and(|flag| flag.get()));
             tracing::warn!(instance = %instance.url, kind = failure.kind(), error = ?failure, "upstream request failed");
-            if failure.counts_against_instance() && ctx.passive.record_failure(service_index, index) {
+            if failure.counts_against_instance() && ctx.passive.record_failure(service_index, index)
+            {
                 ctx.registry.do_send(ReportPassiveFailure {
                     service: service_index,
                     instance: index,
@@ -213,7 +242,11 @@ async fn attempt(
     }
 }
 
-fn upstream_path_and_query(req: &HttpRequest, route: &Route, path: &str) -> Result<PathAndQuery, GatewayError> {
+fn upstream_path_and_query(
+    req: &HttpRequest,
+    route: &Route,
+    path: &str,
+) -> Result<PathAndQuery, GatewayError> {
     let path = if route.strip_prefix {
         strip_route_prefix(path, &route.prefix)
     } else {
@@ -230,7 +263,8 @@ fn upstream_uri(instance: &Instance, path_and_query: &PathAndQuery) -> Result<Ur
     let path_and_query = if instance.base_path.is_empty() {
         path_and_query.clone()
     } else {
-        PathAndQuery::try_from(format!("{}{}", instance.base_path, path_and_query)).map_err(|err| err.to_string())?
+        PathAndQuery::try_from(format!("{}{}", instance.base_path, path_and_query))
+            .map_err(|err| err.to_string())?
     };
     Uri::builder()
         .scheme(instance.scheme.clone())
@@ -274,7 +308,10 @@ fn is_gateway_owned(name: &HeaderName, trusted_peer: bool) -> bool {
         || name == X_USER_ROLES
         || name == X_FORWARDED_FOR
         || (!trusted_peer
-            && (name == header::FORWARDED || name == X_REAL_IP || name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST))
+            && (name == header::FORWARDED
+                || name == X_REAL_IP
+                || name == X_FORWARDED_PROTO
+                || name == X_FORWARDED_HOST))
 }
 
 fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
@@ -317,10 +354,11 @@ fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     if !headers.contains_key(&X_FORWARDED_HOST) {
-        let host = incoming
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| req.uri().authority().and_then(|authority| HeaderValue::from_str(authority.as_str()).ok()));
+        let host = incoming.get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+        });
         if let Some(host) = host {
             headers.insert(X_FORWARDED_HOST, host);
         }
@@ -349,11 +387,16 @@ fn client_response(mut upstream: awc::ClientResponse, method: &Method) -> HttpRe
         .and_then(|value| value.to_str().ok())
         .and_then(|text| text.trim().parse::<u64>().ok());
     let payload = upstream.take_payload();
-    let bodiless = method == Method::HEAD || status == StatusCode::NOT_MODIFIED || status.is_informational() || status == StatusCode::NO_CONTENT;
+    let bodiless = method == Method::HEAD
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT;
 
     let body = match (bodiless, declared_length) {
         // HEAD keeps the length the upstream declared; actix writes no body.
-        (true, Some(length)) if method == Method::HEAD => BoxBody::new(SizedStream::new(length, EmptyStream)),
+        (true, Some(length)) if method == Method::HEAD => {
+            BoxBody::new(SizedStream::new(length, EmptyStream))
+        }
         (true, _) => BoxBody::new(http_body::None::new()),
         (false, Some(length)) => BoxBody::new(SizedStream::new(length, payload)),
         (false, None) => BoxBody::new(http_body::BodyStream::new(payload)),
@@ -374,7 +417,9 @@ fn client_response(mut upstream: awc::ClientResponse, method: &Method) -> HttpRe
         headers.append(name.clone(), value.clone());
     }
     if status == StatusCode::NOT_MODIFIED {
-        if let Some(length) = declared_length.and_then(|length| HeaderValue::from_str(&length.to_string()).ok()) {
+        if let Some(length) =
+            declared_length.and_then(|length| HeaderValue::from_str(&length.to_string()).ok())
+        {
             headers.insert(header::CONTENT_LENGTH, length);
         }
     }

@@ -402,11 +402,16 @@ impl Settings {
         }
         let mut builder = Config::builder()
             .add_source(File::from(default_file))
-            .add_source(File::from(dir.join(format!("{}.toml", sources.environment))).required(false))
+            .add_source(
+                File::from(dir.join(format!("{}.toml", sources.environment))).required(false),
+            )
             .add_source(File::from(dir.join("local.toml")).required(false));
         if let Some(file) = &sources.config_file {
             if !file.is_file() {
-                return Err(ConfigError::Load(format!("--config {}: not found", file.display())));
+                return Err(ConfigError::Load(format!(
+                    "--config {}: not found",
+                    file.display()
+                )));
             }
             builder = builder.add_source(File::from(file.as_path()));
         }
@@ -439,18 +444,45 @@ impl Settings {
         let mut problem = |key: String, reason: String| problems.push(format!("{key}: {reason}"));
 
         let positive = [
-            ("server.client_request_timeout_ms", self.server.client_request_timeout_ms),
+            (
+                "server.client_request_timeout_ms",
+                self.server.client_request_timeout_ms,
+            ),
             ("server.max_body_bytes", self.server.max_body_bytes),
-            ("server.max_header_bytes", self.server.max_header_bytes as u64),
-            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
-            ("upstream.request_timeout_ms", self.upstream.request_timeout_ms),
-            ("upstream.max_connections_per_host", self.upstream.max_connections_per_host as u64),
+            (
+                "server.max_header_bytes",
+                self.server.max_header_bytes as u64,
+            ),
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
+            (
+                "upstream.request_timeout_ms",
+                self.upstream.request_timeout_ms,
+            ),
+            (
+                "upstream.max_connections_per_host",
+                self.upstream.max_connections_per_host as u64,
+            ),
             ("health.interval_ms", self.health.interval_ms),
             ("health.timeout_ms", self.health.timeout_ms),
-            ("health.unhealthy_threshold", self.health.unhealthy_threshold.into()),
-            ("health.healthy_threshold", self.health.healthy_threshold.into()),
-            ("health.passive_failures", self.health.passive_failures.into()),
-            ("rate_limit.redis_timeout_ms", self.rate_limit.redis_timeout_ms),
+            (
+                "health.unhealthy_threshold",
+                self.health.unhealthy_threshold.into(),
+            ),
+            (
+                "health.healthy_threshold",
+                self.health.healthy_threshold.into(),
+            ),
+            (
+                "health.passive_failures",
+                self.health.passive_failures.into(),
+            ),
+            (
+                "rate_limit.redis_timeout_ms",
+                self.rate_limit.redis_timeout_ms,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -459,12 +491,18 @@ impl Settings {
         }
 
         if self.services.is_empty() {
-            problem("services".to_owned(), "at least one service is required".to_owned());
+            problem(
+                "services".to_owned(),
+                "at least one service is required".to_owned(),
+            );
         }
         for (name, service) in &self.services {
             let key = format!("services.{name}");
             if service.instances.is_empty() {
-                problem(format!("{key}.instances"), "at least one instance URL is required".to_owned());
+                problem(
+                    format!("{key}.instances"),
+                    "at least one instance URL is required".to_owned(),
+                );
             }
             for url in &service.instances {
                 if let Err(reason) = check_instance_url(url) {
@@ -472,7 +510,10 @@ impl Settings {
                 }
             }
             if !service.health_path.starts_with('/') {
-                problem(format!("{key}.health_path"), "must start with \"/\"".to_owned());
+                problem(
+                    format!("{key}.health_path"),
+                    "must start with \"/\"".to_owned(),
+                );
             }
         }
 
@@ -482,30 +523,54 @@ impl Settings {
                 Ok(normalized) if normalized == route.prefix => {}
                 Ok(normalized) => problem(
                     format!("{key}.prefix"),
-                    format!("{:?} is not a normalized path (did you mean {normalized:?}?)", route.prefix),
+                    format!(
+                        "{:?} is not a normalized path (did you mean {normalized:?}?)",
+                        route.prefix
+                    ),
                 ),
-                Err(_) => problem(format!("{key}.prefix"), format!("{:?} is not a valid absolute path", route.prefix)),
+                Err(_) => problem(
+                    format!("{key}.prefix"),
+                    format!("{:?} is not a valid absolute path", route.prefix),
+                ),
             }
-            if let Some(reserved) = RESERVED_PATHS.iter().find(|reserved| routing::prefix_matches(&route.prefix, reserved)) {
+            if let Some(reserved) = RESERVED_PATHS
+                .iter()
+                .find(|reserved| routing::prefix_matches(&route.prefix, reserved))
+            {
                 problem(
                     format!("{key}.prefix"),
-                    format!("{:?} is reserved for the gateway's own {reserved} endpoint", route.prefix),
+                    format!(
+                        "{:?} is reserved for the gateway's own {reserved} endpoint",
+                        route.prefix
+                    ),
                 );
             }
             if !self.services.contains_key(&route.service) {
-                problem(format!("{key}.service"), format!("no service named {:?}", route.service));
+                problem(
+                    format!("{key}.service"),
+                    format!("no service named {:?}", route.service),
+                );
             }
             for method in &route.methods {
                 if actix_web::http::Method::from_bytes(method.as_bytes()).is_err() {
-                    problem(format!("{key}.methods"), format!("{method:?} is not an HTTP method"));
+                    problem(
+                        format!("{key}.methods"),
+                        format!("{method:?} is not an HTTP method"),
+                    );
                 }
             }
             if route.roles.iter().any(|role| role.is_empty()) {
-                problem(format!("{key}.roles"), "roles must not be empty strings".to_owned());
+                problem(
+                    format!("{key}.roles"),
+                    "roles must not be empty strings".to_owned(),
+                );
             }
             if let Some(policy) = &route.rate_limit {
                 if !self.rate_limit.policies.contains_key(policy) {
-                    problem(format!("{key}.rate_limit"), format!("no policy named {policy:?}"));
+                    problem(
+                        format!("{key}.rate_limit"),
+                        format!("no policy named {policy:?}"),
+                    );
                 }
             }
         }
@@ -516,11 +581,16 @@ impl Settings {
             for (name_b, b) in &routes[i + 1..] {
                 let methods_overlap = a.methods.is_empty()
                     || b.methods.is_empty()
-                    || a.methods.iter().any(|m| b.methods.iter().any(|n| m.eq_ignore_ascii_case(n)));
+                    || a.methods
+                        .iter()
+                        .any(|m| b.methods.iter().any(|n| m.eq_ignore_ascii_case(n)));
                 if a.prefix == b.prefix && methods_overlap {
                     problem(
                         format!("routes.{name_b}.prefix"),
-                        format!("{:?} is also the prefix of routes.{name_a} for the same methods", b.prefix),
+                        format!(
+                            "{:?} is also the prefix of routes.{name_a} for the same methods",
+                            b.prefix
+                        ),
                     );
                 }
             }
@@ -528,12 +598,18 @@ impl Settings {
 
         let rate_limit = &self.rate_limit;
         if !rate_limit.global.is_empty() && !rate_limit.policies.contains_key(&rate_limit.global) {
-            problem("rate_limit.global".to_owned(), format!("no policy named {:?}", rate_limit.global));
+            problem(
+                "rate_limit.global".to_owned(),
+                format!("no policy named {:?}", rate_limit.global),
+            );
         }
         for (name, policy) in &rate_limit.policies {
             let key = format!("rate_limit.policies.{name}");
             if policy.window_s == 0 {
-                problem(format!("{key}.window_s"), "must be greater than 0".to_owned());
+                problem(
+                    format!("{key}.window_s"),
+                    "must be greater than 0".to_owned(),
+                );
             }
             if policy.max == 0 {
                 problem(format!("{key}.max"), "must be greater than 0".to_owned());
@@ -547,7 +623,10 @@ impl Settings {
             ),
         }
         if rate_limit.key_prefix.is_empty() {
-            problem("rate_limit.key_prefix".to_owned(), "must not be empty".to_owned());
+            problem(
+                "rate_limit.key_prefix".to_owned(),
+                "must not be empty".to_owned(),
+            );
         }
 
         for problem_line in self.auth_problems() {
@@ -570,7 +649,9 @@ impl Settings {
             problems.push("auth.algorithms: at least one algorithm is required".to_owned());
         }
         if !auth.jwt_secret.is_empty() && auth.jwt_secret.expose().len() < MIN_HS_SECRET_BYTES {
-            problems.push(format!("auth.jwt_secret: must be at least {MIN_HS_SECRET_BYTES} bytes"));
+            problems.push(format!(
+                "auth.jwt_secret: must be at least {MIN_HS_SECRET_BYTES} bytes"
+            ));
         }
         let needs_auth = self.routes.values().any(RouteSettings::needs_auth);
         if !needs_auth {
@@ -590,10 +671,13 @@ impl Settings {
                     "auth.public_key_pem: routes need auth with {} but no public key file is set",
                     algorithm_names(auth.algorithms.iter().filter(|alg| !is_hmac(**alg)))
                 ));
-            } else if let Err(err) = std::fs::metadata(Path::new(&auth.public_key_pem)).and_then(|_| {
-                std::fs::File::open(&auth.public_key_pem).map(|_| ())
-            }) {
-                problems.push(format!("auth.public_key_pem: cannot read {:?}: {err}", auth.public_key_pem));
+            } else if let Err(err) = std::fs::metadata(Path::new(&auth.public_key_pem))
+                .and_then(|_| std::fs::File::open(&auth.public_key_pem).map(|_| ()))
+            {
+                problems.push(format!(
+                    "auth.public_key_pem: cannot read {:?}: {err}",
+                    auth.public_key_pem
+                ));
             }
         }
         problems
@@ -601,7 +685,8 @@ impl Settings {
 
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot render settings: {err}\n"))
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|err| format!("# cannot render settings: {err}\n"))
     }
 
     /// True when the configured HS secret is the development one shipped in
@@ -615,11 +700,17 @@ impl Settings {
 pub const DEV_SECRET_MARKER: &str = "dev-only-insecure-secret";
 
 pub fn is_hmac(algorithm: Algorithm) -> bool {
-    matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+    matches!(
+        algorithm,
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+    )
 }
 
 fn algorithm_names<'a>(algorithms: impl Iterator<Item = &'a Algorithm>) -> String {
-    algorithms.map(|alg| format!("{alg:?}")).collect::<Vec<_>>().join("/")
+    algorithms
+        .map(|alg| format!("{alg:?}"))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 fn check_instance_url(raw: &str) -> Result<(), String> {
@@ -686,9 +777,9 @@ fn insert_dotted(table: &mut config::Map<String, config::Value>, key: &str, valu
             table.insert(key.to_owned(), value);
         }
         Some((head, rest)) => {
-            let entry = table
-                .entry(head.to_owned())
-                .or_insert_with(|| config::Value::new(None, config::Map::<String, config::Value>::new()));
+            let entry = table.entry(head.to_owned()).or_insert_with(|| {
+                config::Value::new(None, config::Map::<String, config::Value>::new())
+            });
             let mut nested = entry.clone().into_table().unwrap_or_default();
             insert_dotted(&mut nested, rest, value);
             *entry = config::Value::new(None, nested);
@@ -745,20 +836,62 @@ service = "user"
     #[test]
     fn validation_names_the_key_and_the_reason() {
         let cases = [
-            ("[routes.bad]\nprefix = \"/x\"\nservice = \"usr\"", "routes.bad.service: no service named \"usr\""),
-            ("[routes.h]\nprefix = \"/health\"\nservice = \"user\"", "routes.h.prefix: \"/health\" is reserved"),
-            ("[routes.m]\nprefix = \"/metrics/x\"\nservice = \"user\"", "routes.m.prefix: \"/metrics/x\" is reserved"),
-            ("[routes.r]\nprefix = \"api\"\nservice = \"user\"", "routes.r.prefix: \"api\" is not a valid absolute path"),
-            ("[routes.d]\nprefix = \"/a/../b\"\nservice = \"user\"", "routes.d.prefix: \"/a/../b\" is not a normalized path"),
-            ("[routes.p]\nprefix = \"/p\"\nservice = \"user\"\nrate_limit = \"nope\"", "routes.p.rate_limit: no policy named \"nope\""),
-            ("[routes.q]\nprefix = \"/q\"\nservice = \"user\"\nmethods = [\"G T\"]", "routes.q.methods: \"G T\" is not an HTTP method"),
-            ("[services.bad]\ninstances = [\"ftp://x\"]", "services.bad.instances: \"ftp://x\": scheme must be http or https"),
-            ("[services.rel]\ninstances = [\"/relative\"]", "services.rel.instances: \"/relative\": not an absolute URL"),
-            ("[services.none]\ninstances = []", "services.none.instances: at least one instance URL is required"),
-            ("[health]\ninterval_ms = 0", "health.interval_ms: must be greater than 0"),
-            ("[rate_limit]\nglobal = \"missing\"", "rate_limit.global: no policy named \"missing\""),
-            ("[rate_limit]\nredis_url = \"http://x\"", "rate_limit.redis_url: must be a redis://"),
-            ("[routes.dup]\nprefix = \"/api/users\"\nservice = \"user\"", "routes.users.prefix: \"/api/users\" is also the prefix of routes.dup"),
+            (
+                "[routes.bad]\nprefix = \"/x\"\nservice = \"usr\"",
+                "routes.bad.service: no service named \"usr\"",
+            ),
+            (
+                "[routes.h]\nprefix = \"/health\"\nservice = \"user\"",
+                "routes.h.prefix: \"/health\" is reserved",
+            ),
+            (
+                "[routes.m]\nprefix = \"/metrics/x\"\nservice = \"user\"",
+                "routes.m.prefix: \"/metrics/x\" is reserved",
+            ),
+            (
+                "[routes.r]\nprefix = \"api\"\nservice = \"user\"",
+                "routes.r.prefix: \"api\" is not a valid absolute path",
+            ),
+            (
+                "[routes.d]\nprefix = \"/a/../b\"\nservice = \"user\"",
+                "routes.d.prefix: \"/a/../b\" is not a normalized path",
+            ),
+            (
+                "[routes.p]\nprefix = \"/p\"\nservice = \"user\"\nrate_limit = \"nope\"",
+                "routes.p.rate_limit: no policy named \"nope\"",
+            ),
+            (
+                "[routes.q]\nprefix = \"/q\"\nservice = \"user\"\nmethods = [\"G T\"]",
+                "routes.q.methods: \"G T\" is not an HTTP method",
+            ),
+            (
+                "[services.bad]\ninstances = [\"ftp://x\"]",
+                "services.bad.instances: \"ftp://x\": scheme must be http or https",
+            ),
+            (
+                "[services.rel]\ninstances = [\"/relative\"]",
+                "services.rel.instances: \"/relative\": not an absolute URL",
+            ),
+            (
+                "[services.none]\ninstances = []",
+                "services.none.instances: at least one instance URL is required",
+            ),
+            (
+                "[health]\ninterval_ms = 0",
+                "health.interval_ms: must be greater than 0",
+            ),
+            (
+                "[rate_limit]\nglobal = \"missing\"",
+                "rate_limit.global: no policy named \"missing\"",
+            ),
+            (
+                "[rate_limit]\nredis_url = \"http://x\"",
+                "rate_limit.redis_url: must be a redis://",
+            ),
+            (
+                "[routes.dup]\nprefix = \"/api/users\"\nservice = \"user\"",
+                "routes.users.prefix: \"/api/users\" is also the prefix of routes.dup",
+            ),
         ];
         for (extra, expected) in cases {
             let found = problems(extra);
@@ -778,7 +911,10 @@ service = "user"
     #[test]
     fn unknown_keys_are_errors_that_name_the_key() {
         let found = problems("[server]\nlistn = \"127.0.0.1:1\"");
-        assert!(found[0].starts_with("server.listn: unknown field `listn`"), "{found:?}");
+        assert!(
+            found[0].starts_with("server.listn: unknown field `listn`"),
+            "{found:?}"
+        );
         let found = problems("[routes.users.extra]\nx = 1");
         assert!(found[0].contains("unknown field `extra`"), "{found:?}");
     }
@@ -786,13 +922,33 @@ service = "user"
     #[test]
     fn auth_routes_need_a_long_enough_secret() {
         let found = problems("auth = true");
-        assert!(found.iter().any(|l| l.starts_with("auth.jwt_secret: routes need auth")), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|l| l.starts_with("auth.jwt_secret: routes need auth")),
+            "{found:?}"
+        );
         let found = problems("auth = true\n[auth]\njwt_secret = \"short\"");
-        assert!(found.iter().any(|l| l.starts_with("auth.jwt_secret: must be at least 32 bytes")), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|l| l.starts_with("auth.jwt_secret: must be at least 32 bytes")),
+            "{found:?}"
+        );
         let found = problems("auth = true\n[auth]\nalgorithms = [\"RS256\"]");
-        assert!(found.iter().any(|l| l.starts_with("auth.public_key_pem:")), "{found:?}");
-        let found = problems("auth = true\n[auth]\nalgorithms = [\"RS256\"]\npublic_key_pem = \"/nonexistent.pem\"");
-        assert!(found.iter().any(|l| l.starts_with("auth.public_key_pem: cannot read")), "{found:?}");
+        assert!(
+            found.iter().any(|l| l.starts_with("auth.public_key_pem:")),
+            "{found:?}"
+        );
+        let found = problems(
+            "auth = true\n[auth]\nalgorithms = [\"RS256\"]\npublic_key_pem = \"/nonexistent.pem\"",
+        );
+        assert!(
+            found
+                .iter()
+                .any(|l| l.starts_with("auth.public_key_pem: cannot read")),
+            "{found:?}"
+        );
     }
 
     #[test]
@@ -804,7 +960,11 @@ service = "user"
         let printed = settings.to_redacted_toml();
         assert!(!printed.contains("0123456789abcdef"), "{printed}");
         assert!(!printed.contains("hunter2"), "{printed}");
-        assert!(printed.contains("redis://:%3Credacted%3E@127.0.0.1:6379/0") || printed.contains("<redacted>"), "{printed}");
+        assert!(
+            printed.contains("redis://:%3Credacted%3E@127.0.0.1:6379/0")
+                || printed.contains("<redacted>"),
+            "{printed}"
+        );
         assert!(!format!("{settings:?}").contains("hunter2"));
     }
 }

@@ -37,7 +37,10 @@ pub struct Application {
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error("server.listen: cannot listen on {address}: {source}")]
-    Bind { address: SocketAddr, source: std::io::Error },
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Config(String),
     #[error("cannot start the HTTP server: {0}")]
@@ -48,19 +51,24 @@ impl Application {
     /// Binds, starts the registry and health checker on the current arbiter,
     /// and prepares the workers. Must be called inside an actix `System`.
     pub fn build(settings: &Settings) -> Result<Self, StartupError> {
-        let listener = TcpListener::bind(settings.server.listen).map_err(|source| StartupError::Bind {
-            address: settings.server.listen,
-            source,
-        })?;
+        let listener =
+            TcpListener::bind(settings.server.listen).map_err(|source| StartupError::Bind {
+                address: settings.server.listen,
+                source,
+            })?;
         let address = listener.local_addr()?;
         let gateway = Arc::new(Gateway::from_settings(settings).map_err(StartupError::Config)?);
 
-        let passive = Arc::new(PassiveFailures::new(&gateway, settings.health.passive_failures));
+        let passive = Arc::new(PassiveFailures::new(
+            &gateway,
+            settings.health.passive_failures,
+        ));
         let registry = RegistryActor::new(&gateway, &settings.health, passive.clone()).start();
         HealthChecker::new(&gateway, &settings.health, registry.clone()).start();
 
         let cursors = shared_cursors(gateway.services.len());
-        let instance_counts: Vec<usize> = gateway.services.iter().map(|s| s.instances.len()).collect();
+        let instance_counts: Vec<usize> =
+            gateway.services.iter().map(|s| s.instances.len()).collect();
         let upstream = settings.upstream.clone();
 
         let mut server = HttpServer::new(move || {
@@ -85,7 +93,9 @@ impl Application {
         })
         .disable_signals()
         .shutdown_timeout(settings.server.shutdown_timeout_s)
-        .client_request_timeout(Duration::from_millis(settings.server.client_request_timeout_ms));
+        .client_request_timeout(Duration::from_millis(
+            settings.server.client_request_timeout_ms,
+        ));
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);
         }
@@ -135,8 +145,12 @@ async fn dispatch(
         Target::Health => endpoints::health(req.method(), &context).await,
         Target::Metrics => endpoints::metrics(req.method()).await,
         Target::NotFound => Err(GatewayError::NotFound),
-        Target::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed { allow: allow.clone() }),
-        Target::Route(route) => proxy::forward(&req, payload, route, routed.path(req.path()), &context).await,
+        Target::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed {
+            allow: allow.clone(),
+        }),
+        Target::Route(route) => {
+            proxy::forward(&req, payload, route, routed.path(req.path()), &context).await
+        }
     }
 }
 
@@ -144,7 +158,9 @@ async fn dispatch(
 /// `server.shutdown_timeout_s`.
 pub async fn run(settings: Settings) -> Result<(), StartupError> {
     if settings.uses_dev_secret() {
-        tracing::warn!("auth.jwt_secret is the shipped development secret: never use it in production");
+        tracing::warn!(
+            "auth.jwt_secret is the shipped development secret: never use it in production"
+        );
     }
     let application = Application::build(&settings)?;
     let handle = application.handle();

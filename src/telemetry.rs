@@ -23,10 +23,17 @@ pub fn init() {
         .or_else(|| std::env::var("RUST_LOG").ok())
         .and_then(|directives| EnvFilter::try_new(directives).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let json = std::env::var("GATEHOUSE_LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let json = std::env::var("GATEHOUSE_LOG_FORMAT")
+        .is_ok_and(|format| format.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if json {
-        builder.json().with_current_span(true).with_span_list(false).try_init()
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init()
     } else {
         builder.try_init()
     };
@@ -38,7 +45,10 @@ pub struct GatewayRootSpan;
 impl RootSpanBuilder for GatewayRootSpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
         let extensions = request.extensions();
-        let request_id = extensions.get::<RequestId>().map(RequestId::as_str).unwrap_or("");
+        let request_id = extensions
+            .get::<RequestId>()
+            .map(RequestId::as_str)
+            .unwrap_or("");
         tracing::info_span!(
             "request",
             request_id = %request_id,
@@ -59,7 +69,11 @@ impl RootSpanBuilder for GatewayRootSpan {
                     .get::<RequestId>()
                     .map(|id| id.started.elapsed().as_secs_f64() * 1000.0)
                     .unwrap_or_default();
-                tracing::info!(status = response.status().as_u16(), latency_ms, "request completed");
+                tracing::info!(
+                    status = response.status().as_u16(),
+                    latency_ms,
+                    "request completed"
+                );
             }
             Err(error) => tracing::error!(%error, "request failed"),
         }

@@ -39,14 +39,21 @@ impl HealthChecker {
             .iter()
             .enumerate()
             .flat_map(|(service_index, service)| {
-                service.instances.iter().enumerate().map(move |(instance_index, instance)| ProbeTarget {
-                    service: service_index,
-                    instance: instance_index,
-                    url: format!(
-                        "{}://{}{}{}",
-                        instance.scheme, instance.authority, instance.base_path, service.health_path
-                    ),
-                })
+                service
+                    .instances
+                    .iter()
+                    .enumerate()
+                    .map(move |(instance_index, instance)| ProbeTarget {
+                        service: service_index,
+                        instance: instance_index,
+                        url: format!(
+                            "{}://{}{}{}",
+                            instance.scheme,
+                            instance.authority,
+                            instance.base_path,
+                            service.health_path
+                        ),
+                    })
             })
             .collect();
         let timeout = Duration::from_millis(health.timeout_ms);

@@ -55,7 +55,9 @@ impl Routed {
 fn head_size(req: &ServiceRequest) -> usize {
     let uri = req.uri();
     let target = uri.scheme_str().map_or(0, |scheme| scheme.len() + 3)
-        + uri.authority().map_or(0, |authority| authority.as_str().len())
+        + uri
+            .authority()
+            .map_or(0, |authority| authority.as_str().len())
         + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
     let request_line = req.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len();
     let headers: usize = req
@@ -158,7 +160,9 @@ where
             Ok(routed) => {
                 req.extensions_mut().insert(routed);
                 let response = self.service.call(req);
-                Either::Left(Box::pin(async move { response.await.map(ServiceResponse::map_into_left_body) }))
+                Either::Left(Box::pin(async move {
+                    response.await.map(ServiceResponse::map_into_left_body)
+                }))
             }
             Err(error) => Either::Right(ready(Ok(req.error_response(error).map_into_right_body()))),
         }
