@@ -25,4 +25,16 @@ pub enum Command {
     Serve,
     /// Validate the layered configuration and print it, secrets redacted.
     CheckConfig,
+    /// Print a token signed with the configured HS secret.
+    Token {
+        /// The token's `sub` claim.
+        #[arg(long)]
+        sub: String,
+        /// A role for the roles claim; repeat for several.
+        #[arg(long = "role", value_name = "ROLE")]
+        roles: Vec<String>,
+        /// Lifetime in seconds (`exp` = now + ttl).
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
 }

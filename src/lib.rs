@@ -4,7 +4,8 @@
 //!
 //! - [`middleware`]: security headers, request id, logging span, then
 //!   [`middleware::route_match`], which normalizes the path ([`routing`]) and
-//!   picks the route.
+//!   picks the route, and [`middleware::auth`], which checks bearer tokens
+//!   with [`auth`].
 //! - [`startup`]'s dispatch handler answers the gateway's own [`endpoints`]
 //!   or hands the request to [`proxy`], which asks this worker's
 //!   [`actors::balancer`] for an instance and forwards with awc.
@@ -16,6 +17,7 @@
 //! immutable form; [`telemetry`] sets up logs; [`cli`] is the command line.
 
 pub mod actors;
+pub mod auth;
 pub mod cli;
 pub mod endpoints;
 pub mod error;

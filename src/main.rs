@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use gatehouse::cli::{Cli, Command};
 use gatehouse::settings::{Settings, Sources};
-use gatehouse::{startup, telemetry};
+use gatehouse::{auth, startup, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -18,6 +18,18 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
+        Command::Token { sub, roles, ttl } => {
+            match auth::mint_token(&settings.auth, &sub, &roles, ttl) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("gatehouse: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig => {
             print!("{}", settings.to_redacted_toml());
             ExitCode::SUCCESS

@@ -26,6 +26,7 @@ use futures_util::Stream;
 
 use crate::actors::balancer::{BalancerActor, PickTarget};
 use crate::actors::registry::{PassiveFailures, RegistryActor, ReportPassiveFailure};
+use crate::auth::Identity;
 use crate::error::GatewayError;
 use crate::gateway::{Gateway, Instance, Service};
 use crate::middleware::request_id::{RequestId, X_REQUEST_ID};
@@ -50,13 +51,6 @@ pub struct WorkerContext {
     pub balancer: Addr<BalancerActor>,
     pub registry: Addr<RegistryActor>,
     pub passive: Arc<PassiveFailures>,
-}
-
-/// The authenticated caller, set by the auth layer for the upstream.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub subject: String,
-    pub roles: Vec<String>,
 }
 
 /// Why one attempt to reach an instance failed.

@@ -16,8 +16,10 @@ use tracing_actix_web::TracingLogger;
 use crate::actors::balancer::{shared_cursors, BalancerActor};
 use crate::actors::health::HealthChecker;
 use crate::actors::registry::{PassiveFailures, RegistryActor, SubscribeBalancer};
+use crate::auth::Verifier;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
+use crate::middleware::auth::Authentication;
 use crate::middleware::request_id::RequestIds;
 use crate::middleware::route_match::{RouteMatcher, Routed, Target};
 use crate::middleware::security_headers::SecurityHeaders;
@@ -58,6 +60,15 @@ impl Application {
             })?;
         let address = listener.local_addr()?;
         let gateway = Arc::new(Gateway::from_settings(settings).map_err(StartupError::Config)?);
+        // Keys are parsed once, and only when a route needs them.
+        let verifier = if gateway.routes.routes().iter().any(|route| route.auth) {
+            Some(Arc::new(
+                Verifier::new(&settings.auth)
+                    .map_err(|err| StartupError::Config(err.to_string()))?,
+            ))
+        } else {
+            None
+        };
 
         let passive = Arc::new(PassiveFailures::new(
             &gateway,
@@ -86,6 +97,7 @@ impl Application {
             App::new()
                 .app_data(web::Data::new(context))
                 .default_service(web::to(dispatch))
+                .wrap(Authentication::new(verifier.clone()))
                 .wrap(RouteMatcher::new(gateway.clone()))
                 .wrap(TracingLogger::<GatewayRootSpan>::new())
                 .wrap(RequestIds)

@@ -1,0 +1,298 @@
+//! JWT verification (SPEC §3 step 5), built once at start-up.
+//!
+//! The token's `alg` header only ever *selects among* the algorithms listed in
+//! `auth.algorithms`; the key is then chosen by that algorithm's family, so an
+//! HS token is never checked against a public key nor the reverse (the classic
+//! key-confusion attack), and `alg: none` cannot even be expressed. `kid`,
+//! `jku`, `x5u` and embedded `jwk` headers are ignored: no key is ever fetched
+//! or chosen by the token.
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{Map, Value};
+
+use crate::settings::{is_hmac, AuthSettings};
+
+/// The authenticated caller, sent upstream as `X-User-Id` / `X-User-Roles`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub subject: String,
+    pub roles: Vec<String>,
+}
+
+impl Identity {
+    /// A route's `roles` need any one of them.
+    pub fn has_any_role(&self, required: &[String]) -> bool {
+        required.is_empty() || required.iter().any(|role| self.roles.contains(role))
+    }
+}
+
+/// Why a token was refused; the client only ever sees "Invalid token".
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("algorithm {0:?} is not accepted")]
+    AlgorithmNotAccepted(Algorithm),
+    #[error("{0}")]
+    Jwt(#[from] jsonwebtoken::errors::Error),
+    #[error("claim `sub` must be a string")]
+    MissingSubject,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("auth.public_key_pem: cannot read {path:?}: {source}")]
+    Unreadable {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("auth.public_key_pem: {path:?} is not a {family} public key in PEM form: {source}")]
+    BadPem {
+        path: String,
+        family: &'static str,
+        source: jsonwebtoken::errors::Error,
+    },
+    #[error("auth.public_key_pem: one key cannot serve {0}")]
+    MixedFamilies(String),
+    #[error("auth.jwt_secret: required for {0:?}")]
+    MissingSecret(Algorithm),
+}
+
+/// Checks tokens against the configured keys; cheap to share.
+pub struct Verifier {
+    /// Per accepted algorithm: its key and its validation rules.
+    accepted: HashMap<Algorithm, (DecodingKey, Validation)>,
+    roles_claim: String,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("algorithms", &self.accepted.keys().collect::<Vec<_>>())
+            .field("roles_claim", &self.roles_claim)
+            .finish()
+    }
+}
+
+fn key_family(algorithm: Algorithm) -> &'static str {
+    match algorithm {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => "HMAC",
+        Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => "RSA",
+        Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512 => "RSA",
+        Algorithm::ES256 | Algorithm::ES384 => "EC",
+        Algorithm::EdDSA => "Ed25519",
+    }
+}
+
+impl Verifier {
+    /// Parses the keys once; a missing or bad key names its setting.
+    pub fn new(settings: &AuthSettings) -> Result<Self, KeyError> {
+        let public_families: Vec<&'static str> = {
+            let mut families: Vec<_> = settings
+                .algorithms
+                .iter()
+                .filter(|alg| !is_hmac(**alg))
+                .map(|alg| key_family(*alg))
+                .collect();
+            families.sort_unstable();
+            families.dedup();
+            families
+        };
+        if public_families.len() > 1 {
+            return Err(KeyError::MixedFamilies(public_families.join(" and ")));
+        }
+        let public_key = match public_families.first() {
+            None => None,
+            Some(family) => Some(read_public_key(&settings.public_key_pem, family)?),
+        };
+
+        let mut accepted = HashMap::new();
+        for &algorithm in &settings.algorithms {
+            let key = if is_hmac(algorithm) {
+                if settings.jwt_secret.is_empty() {
+                    return Err(KeyError::MissingSecret(algorithm));
+                }
+                DecodingKey::from_secret(settings.jwt_secret.expose().as_bytes())
+            } else {
+                public_key
+                    .clone()
+                    .expect("a public key is loaded for every public algorithm")
+            };
+            accepted.insert(algorithm, (key, validation_for(algorithm, settings)));
+        }
+        Ok(Self {
+            accepted,
+            roles_claim: settings.roles_claim.clone(),
+        })
+    }
+
+    /// Verifies signature, algorithm, `exp` (required), `nbf`, `iss`, `aud`,
+    /// and reads `sub` and the roles claim.
+    pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+        let header = jsonwebtoken::decode_header(token)?;
+        let (key, validation) = self
+            .accepted
+            .get(&header.alg)
+            .ok_or(TokenError::AlgorithmNotAccepted(header.alg))?;
+        let claims = jsonwebtoken::decode::<Map<String, Value>>(token, key, validation)?.claims;
+        let subject = match claims.get("sub") {
+            Some(Value::String(sub)) if !sub.is_empty() => sub.clone(),
+            _ => return Err(TokenError::MissingSubject),
+        };
+        let roles = match claims.get(&self.roles_claim) {
+            Some(Value::String(role)) => vec![role.clone()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|item| item.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Identity { subject, roles })
+    }
+}
+
+fn read_public_key(path: &str, family: &'static str) -> Result<DecodingKey, KeyError> {
+    let pem = std::fs::read(path).map_err(|source| KeyError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    let parsed = match family {
+        "RSA" => DecodingKey::from_rsa_pem(&pem),
+        "EC" => DecodingKey::from_ec_pem(&pem),
+        _ => DecodingKey::from_ed_pem(&pem),
+    };
+    parsed.map_err(|source| KeyError::BadPem {
+        path: path.to_owned(),
+        family,
+        source,
+    })
+}
+
+fn validation_for(algorithm: Algorithm, settings: &AuthSettings) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = settings.leeway_s;
+    validation.validate_exp = true;
+    // Off by default in jsonwebtoken; the spec honours `nbf`.
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    if settings.issuer.is_empty() {
+        validation.iss = None;
+    } else {
+        validation.set_issuer(&[&settings.issuer]);
+        required.push("iss");
+    }
+    if settings.audience.is_empty() {
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(&[&settings.audience]);
+        required.push("aud");
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+/// `gatehouse token`: signs with the configured secret and the first HS
+/// algorithm of `auth.algorithms`.
+pub fn mint_token(
+    settings: &AuthSettings,
+    subject: &str,
+    roles: &[String],
+    ttl_s: u64,
+) -> Result<String, String> {
+    let algorithm = settings
+        .algorithms
+        .iter()
+        .copied()
+        .find(|alg| is_hmac(*alg))
+        .ok_or("auth.algorithms: no HS algorithm is configured, so gatehouse cannot sign tokens")?;
+    if settings.jwt_secret.is_empty() {
+        return Err("auth.jwt_secret: no secret is set (JWT_SECRET or auth.jwt_secret)".to_owned());
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|err| err.to_string())?
+        .as_secs();
+    let mut claims = Map::new();
+    claims.insert("sub".to_owned(), subject.into());
+    claims.insert("iat".to_owned(), now.into());
+    claims.insert("exp".to_owned(), (now + ttl_s).into());
+    if !settings.issuer.is_empty() {
+        claims.insert("iss".to_owned(), settings.issuer.clone().into());
+    }
+    if !settings.audience.is_empty() {
+        claims.insert("aud".to_owned(), settings.audience.clone().into());
+    }
+    match roles {
+        [] => {}
+        [role] => {
+            claims.insert(settings.roles_claim.clone(), role.clone().into());
+        }
+        many => {
+            claims.insert(settings.roles_claim.clone(), many.to_vec().into());
+        }
+    }
+    jsonwebtoken::encode(
+        &Header::new(algorithm),
+        &claims,
+        &EncodingKey::from_secret(settings.jwt_secret.expose().as_bytes()),
+    )
+    .map_err(|err| err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::Secret;
+
+    fn hs_settings() -> AuthSettings {
+        AuthSettings {
+            jwt_secret: Secret::new("a-test-secret-of-at-least-32-bytes-long"),
+            ..AuthSettings::default()
+        }
+    }
+
+    #[test]
+    fn minted_tokens_verify_with_their_roles() {
+        let settings = hs_settings();
+        let verifier = Verifier::new(&settings).unwrap();
+        let one = mint_token(&settings, "u1", &["admin".to_owned()], 60).unwrap();
+        assert_eq!(
+            verifier.verify(&one).unwrap(),
+            Identity {
+                subject: "u1".into(),
+                roles: vec!["admin".into()]
+            }
+        );
+        let many = mint_token(&settings, "u2", &["a".to_owned(), "b".to_owned()], 60).unwrap();
+        assert_eq!(verifier.verify(&many).unwrap().roles, vec!["a", "b"]);
+        let none = mint_token(&settings, "u3", &[], 60).unwrap();
+        assert!(verifier.verify(&none).unwrap().roles.is_empty());
+    }
+
+    #[test]
+    fn a_comma_in_a_role_is_part_of_one_role() {
+        let identity = Identity {
+            subject: "u".into(),
+            roles: vec!["user,admin".into()],
+        };
+        assert!(!identity.has_any_role(&["admin".to_owned()]));
+        assert!(identity.has_any_role(&["user,admin".to_owned()]));
+        assert!(identity.has_any_role(&[]));
+    }
+
+    #[test]
+    fn algorithms_not_configured_are_refused() {
+        let settings = hs_settings();
+        let verifier = Verifier::new(&settings).unwrap();
+        let hs384 = AuthSettings {
+            algorithms: vec![Algorithm::HS384],
+            ..hs_settings()
+        };
+        let token = mint_token(&hs384, "u", &[], 60).unwrap();
+        assert!(matches!(
+            verifier.verify(&token),
+            Err(TokenError::AlgorithmNotAccepted(Algorithm::HS384))
+        ));
+    }
+}

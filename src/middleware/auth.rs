@@ -1,0 +1,149 @@
+//! Step 5 of the pipeline: routes with `auth` or `roles` need a valid bearer
+//! token. Missing, wrong scheme or empty: 401 with `WWW-Authenticate: Bearer`;
+//! any verification failure: 403 "Invalid token"; valid but lacking every
+//! required role: 403 "Insufficient permissions". On success the caller's
+//! [`Identity`] goes into the request's extensions for the proxy (identity
+//! headers) and the user-keyed rate limits.
+//!
+//! Tokens are read from the `Authorization` header only, never from the query
+//! string or cookies.
+
+use std::future::{ready, Ready};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{Error, HttpMessage};
+use actix_web_httpauth::headers::authorization::Bearer;
+use futures_util::future::{Either, LocalBoxFuture};
+
+use crate::auth::{Identity, Verifier};
+use crate::error::GatewayError;
+use crate::middleware::route_match::Routed;
+
+/// The bearer token of an `Authorization` header; the scheme is matched
+/// case-insensitively (RFC 9110 §11.1), which actix-web-httpauth's own
+/// parser does not do.
+pub fn bearer_token(value: &HeaderValue) -> Option<Bearer> {
+    let text = value.to_str().ok()?.trim();
+    let (scheme, token) = text.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty())
+        .then(|| Bearer::new(token.to_owned()))
+}
+
+fn authenticate(
+    req: &ServiceRequest,
+    verifier: &Verifier,
+) -> Result<Option<Identity>, GatewayError> {
+    let extensions = req.extensions();
+    let Some(route) = extensions.get::<Routed>().and_then(Routed::route) else {
+        return Ok(None);
+    };
+    if !route.auth {
+        return Ok(None);
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(bearer_token)
+        .ok_or(GatewayError::TokenRequired)?;
+    let identity = verifier
+        .verify(token.token())
+        .map_err(|err| GatewayError::InvalidToken(err.to_string()))?;
+    if !identity.has_any_role(&route.roles) {
+        return Err(GatewayError::InsufficientPermissions);
+    }
+    Ok(Some(identity))
+}
+
+pub struct Authentication {
+    verifier: Option<Arc<Verifier>>,
+}
+
+impl Authentication {
+    /// `None` when no route needs auth (no keys were loaded).
+    pub fn new(verifier: Option<Arc<Verifier>>) -> Self {
+        Self { verifier }
+    }
+}
+
+impl<S, B> Transform<S, ServiceRequest> for Authentication
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = Error;
+    type Transform = AuthenticationService<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(AuthenticationService {
+            service: Rc::new(service),
+            verifier: self.verifier.clone(),
+        }))
+    }
+}
+
+pub struct AuthenticationService<S> {
+    service: Rc<S>,
+    verifier: Option<Arc<Verifier>>,
+}
+
+impl<S, B> Service<ServiceRequest> for AuthenticationService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = Error;
+    type Future = Either<
+        LocalBoxFuture<'static, Result<Self::Response, Self::Error>>,
+        Ready<Result<Self::Response, Self::Error>>,
+    >;
+
+    actix_web::dev::forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        let outcome = match &self.verifier {
+            Some(verifier) => authenticate(&req, verifier),
+            None => Ok(None),
+        };
+        match outcome {
+            Ok(identity) => {
+                if let Some(identity) = identity {
+                    req.extensions_mut().insert(identity);
+                }
+                let response = self.service.call(req);
+                Either::Left(Box::pin(async move {
+                    response.await.map(ServiceResponse::map_into_left_body)
+                }))
+            }
+            Err(error) => Either::Right(ready(Ok(req.error_response(error).map_into_right_body()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(value: &'static str) -> Option<String> {
+        bearer_token(&HeaderValue::from_static(value)).map(|bearer| bearer.token().to_string())
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_needs_a_token() {
+        assert_eq!(token("Bearer abc"), Some("abc".into()));
+        assert_eq!(token("bearer abc"), Some("abc".into()));
+        assert_eq!(token("BEARER   abc  "), Some("abc".into()));
+        assert_eq!(token("Bearer "), None);
+        assert_eq!(token("Bearer"), None);
+        assert_eq!(token("Basic dXNlcjpwYXNz"), None);
+        assert_eq!(token("Token abc"), None);
+    }
+}
