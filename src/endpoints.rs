@@ -37,8 +37,13 @@ pub async fn health(method: &Method, ctx: &WorkerContext) -> Result<HttpResponse
         ))
 }
 
-/// `GET /metrics`: reserved for the Prometheus exporter.
+/// `GET /metrics`: Prometheus text exposition.
 pub async fn metrics(method: &Method) -> Result<HttpResponse, GatewayError> {
     only_get(method)?;
-    Err(GatewayError::NotFound)
+    Ok(HttpResponse::Ok()
+        .insert_header((
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        ))
+        .body(crate::metrics::render()))
 }

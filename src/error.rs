@@ -28,7 +28,12 @@ pub enum GatewayError {
     #[error("token lacks every required role")]
     InsufficientPermissions,
     #[error("rate limited by policy {policy}")]
-    RateLimited { policy: String, message: String },
+    RateLimited {
+        policy: String,
+        message: String,
+        /// Seconds until the policy admits again.
+        retry_after: u64,
+    },
     #[error("rate limit backend unavailable")]
     RateLimitBackendUnavailable,
     #[error("service {service} unavailable: {reason}")]
@@ -118,6 +123,9 @@ impl ResponseError for GatewayError {
             Self::TokenRequired => {
                 response
                     .insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+            }
+            Self::RateLimited { retry_after, .. } => {
+                response.insert_header((header::RETRY_AFTER, *retry_after));
             }
             _ => {}
         }

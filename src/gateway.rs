@@ -3,6 +3,7 @@
 //! start-up into the types the hot path needs (URIs, header values, CIDRs).
 //! Mutable state (health, cursors) lives in the actors.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +12,9 @@ use actix_web::http::uri::{Authority, Scheme};
 use actix_web::http::Method;
 use ipnet::IpNet;
 
+use crate::ratelimit::Policy;
 use crate::routing::{Route, RouteTable};
-use crate::settings::Settings;
+use crate::settings::{PolicyKey, Settings};
 
 /// One upstream instance of a service.
 #[derive(Debug)]
@@ -40,6 +42,9 @@ pub struct Service {
 pub struct Gateway {
     pub services: Vec<Service>,
     pub routes: RouteTable,
+    /// Every rate-limit policy; routes and `global` refer to them by index.
+    pub policies: Arc<[Policy]>,
+    pub global_policy: Option<usize>,
     pub trusted_proxies: Vec<IpNet>,
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
@@ -65,6 +70,29 @@ impl Gateway {
                 health_path: service.health_path.clone(),
             });
         }
+        let policy_names: Vec<&String> = settings.rate_limit.policies.keys().collect();
+        let policy_index = |name: &str| policy_names.iter().position(|known| *known == name);
+        let policies: Arc<[Policy]> = settings
+            .rate_limit
+            .policies
+            .iter()
+            .map(|(name, policy)| {
+                Policy::new(
+                    name,
+                    policy.window_s,
+                    policy.max,
+                    policy.key,
+                    &policy.message,
+                )
+            })
+            .collect();
+        let global_policy = match settings.rate_limit.global.as_str() {
+            "" => None,
+            name => Some(
+                policy_index(name)
+                    .ok_or_else(|| format!("rate_limit.global: no policy named {name:?}"))?,
+            ),
+        };
         let mut routes = Vec::with_capacity(settings.routes.len());
         for (name, route) in &settings.routes {
             let service = services
@@ -95,12 +123,19 @@ impl Gateway {
                 roles: route.roles.clone(),
                 methods,
                 strip_prefix: route.strip_prefix,
-                rate_limit: route.rate_limit.clone(),
+                rate_limit: match &route.rate_limit {
+                    None => None,
+                    Some(policy) => Some(policy_index(policy).ok_or_else(|| {
+                        format!("routes.{name}.rate_limit: no policy named {policy:?}")
+                    })?),
+                },
             });
         }
         Ok(Self {
             services,
             routes: RouteTable::new(routes),
+            policies,
+            global_policy,
             trusted_proxies: settings.server.trusted_proxies.clone(),
             max_body_bytes: settings.server.max_body_bytes,
             max_header_bytes: settings.server.max_header_bytes,
@@ -108,10 +143,41 @@ impl Gateway {
         })
     }
 
-    pub fn is_trusted_proxy(&self, address: std::net::IpAddr) -> bool {
+    pub fn is_trusted_proxy(&self, address: IpAddr) -> bool {
         self.trusted_proxies
             .iter()
             .any(|net| net.contains(&address))
+    }
+
+    /// The policies counted for a request at one pipeline point: the global
+    /// policy and the route's own, those keyed by `key`.
+    pub fn policies_for(&self, route_policy: Option<usize>, key: PolicyKey) -> Vec<usize> {
+        self.global_policy
+            .into_iter()
+            .chain(route_policy)
+            .filter(|&index| self.policies[index].key == key)
+            .collect()
+    }
+
+    /// The client address of SPEC §4: the TCP peer, or, when the peer is a
+    /// trusted proxy, the right-most `X-Forwarded-For` entry that is not
+    /// itself trusted.
+    pub fn client_address(
+        &self,
+        peer: IpAddr,
+        forwarded_for: impl DoubleEndedIterator<Item = IpAddr>,
+    ) -> IpAddr {
+        if !self.is_trusted_proxy(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for hop in forwarded_for.rev() {
+            client = hop;
+            if !self.is_trusted_proxy(hop) {
+                break;
+            }
+        }
+        client
     }
 }
 

@@ -223,6 +223,10 @@ async fn attempt(
         Err(error) => {
             let failure = Failure::classify(error, overflowed.is_some_and(|flag| flag.get()));
             tracing::warn!(instance = %instance.url, kind = failure.kind(), error = ?failure, "upstream request failed");
+            crate::metrics::upstream_error(
+                &ctx.gateway.services[service_index].name,
+                failure.kind(),
+            );
             if failure.counts_against_instance() && ctx.passive.record_failure(service_index, index)
             {
                 ctx.registry.do_send(ReportPassiveFailure {

@@ -167,7 +167,8 @@ pub struct Route {
     /// `None` allows every method.
     pub methods: Option<Vec<Method>>,
     pub strip_prefix: bool,
-    pub rate_limit: Option<String>,
+    /// The route's own policy, an index into the gateway's policies.
+    pub rate_limit: Option<usize>,
 }
 
 impl Route {

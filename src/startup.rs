@@ -5,6 +5,7 @@
 //! is stopped, and [`run`] adds the SIGTERM/SIGINT graceful drain.
 
 use std::net::{SocketAddr, TcpListener};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,16 +21,20 @@ use crate::auth::Verifier;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::middleware::auth::Authentication;
+use crate::middleware::rate_limit::{RateLimit, Stage};
 use crate::middleware::request_id::RequestIds;
 use crate::middleware::route_match::{RouteMatcher, Routed, Target};
 use crate::middleware::security_headers::SecurityHeaders;
 use crate::proxy::{self, WorkerContext};
+use crate::ratelimit::{RateLimiter, SharedLimits};
 use crate::settings::Settings;
 use crate::telemetry::GatewayRootSpan;
 use crate::{endpoints, settings};
 
 /// Connections kept idle in each worker's upstream pool this long.
 const UPSTREAM_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Histogram upkeep period, so metrics memory stays flat between scrapes.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 pub struct Application {
     server: Server,
@@ -81,6 +86,18 @@ impl Application {
         let instance_counts: Vec<usize> =
             gateway.services.iter().map(|s| s.instances.len()).collect();
         let upstream = settings.upstream.clone();
+        let rate_limit = settings.rate_limit.clone();
+        let shared_limits = SharedLimits::new(gateway.policies.clone());
+        // Fail here, not in a worker, if the backend cannot be set up.
+        RateLimiter::new(&rate_limit, &shared_limits).map_err(StartupError::Config)?;
+        crate::metrics::install();
+        actix_rt::spawn(async {
+            let mut upkeep = actix_rt::time::interval(METRICS_UPKEEP);
+            loop {
+                upkeep.tick().await;
+                crate::metrics::run_upkeep();
+            }
+        });
 
         let mut server = HttpServer::new(move || {
             // Runs once per worker, on the worker's own arbiter: the balancer
@@ -94,10 +111,20 @@ impl Application {
                 registry: registry.clone(),
                 passive: passive.clone(),
             };
+            let limiter = Rc::new(
+                RateLimiter::new(&rate_limit, &shared_limits)
+                    .expect("checked before the workers start"),
+            );
             App::new()
                 .app_data(web::Data::new(context))
                 .default_service(web::to(dispatch))
+                .wrap(RateLimit::new(
+                    Stage::User,
+                    gateway.clone(),
+                    limiter.clone(),
+                ))
                 .wrap(Authentication::new(verifier.clone()))
+                .wrap(RateLimit::new(Stage::Address, gateway.clone(), limiter))
                 .wrap(RouteMatcher::new(gateway.clone()))
                 .wrap(TracingLogger::<GatewayRootSpan>::new())
                 .wrap(RequestIds)
@@ -149,10 +176,11 @@ async fn dispatch(
     payload: web::Payload,
     context: web::Data<WorkerContext>,
 ) -> Result<HttpResponse, GatewayError> {
-    let routed = req
-        .extensions_mut()
-        .remove::<Routed>()
-        .ok_or_else(|| GatewayError::Internal("request reached dispatch unrouted".to_owned()))?;
+    // Cloned, not taken: the request log and metrics read it afterwards.
+    let routed =
+        req.extensions().get::<Routed>().cloned().ok_or_else(|| {
+            GatewayError::Internal("request reached dispatch unrouted".to_owned())
+        })?;
     match &routed.target {
         Target::Health => endpoints::health(req.method(), &context).await,
         Target::Metrics => endpoints::metrics(req.method()).await,

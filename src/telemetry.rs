@@ -14,6 +14,7 @@ use tracing_actix_web::RootSpanBuilder;
 use tracing_subscriber::EnvFilter;
 
 use crate::middleware::request_id::RequestId;
+use crate::middleware::route_match::{Routed, Target};
 
 /// Installs the global subscriber; logs go to stderr so that commands such as
 /// `gatehouse token` keep stdout for their output.
@@ -63,15 +64,28 @@ impl RootSpanBuilder for GatewayRootSpan {
         let _entered = span.enter();
         match outcome {
             Ok(response) => {
-                let latency_ms = response
-                    .request()
-                    .extensions()
+                let request = response.request();
+                let extensions = request.extensions();
+                let elapsed = extensions
                     .get::<RequestId>()
-                    .map(|id| id.started.elapsed().as_secs_f64() * 1000.0)
+                    .map(|id| id.started.elapsed())
                     .unwrap_or_default();
+                let route = match extensions.get::<Routed>().map(|routed| &routed.target) {
+                    Some(Target::Route(route)) => &*route.name,
+                    Some(Target::Health) => "/health",
+                    Some(Target::Metrics) => "/metrics",
+                    _ => "-",
+                };
+                let status = response.status().as_u16();
+                crate::metrics::request_completed(
+                    route,
+                    request.method().as_str(),
+                    status,
+                    elapsed,
+                );
                 tracing::info!(
-                    status = response.status().as_u16(),
-                    latency_ms,
+                    status,
+                    latency_ms = elapsed.as_secs_f64() * 1000.0,
                     "request completed"
                 );
             }

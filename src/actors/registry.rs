@@ -260,6 +260,7 @@ impl RegistryActor {
 
     fn log_flip(&self, service: usize, instance: usize) {
         let state = &self.services[service].instances[instance];
+        crate::metrics::upstream_health(&self.services[service].name, &state.url, state.healthy);
         if state.healthy {
             tracing::info!(service = %self.services[service].name, instance = %state.url, "instance is healthy again");
         } else {
@@ -275,6 +276,14 @@ impl RegistryActor {
 
 impl Actor for RegistryActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        for service in &self.services {
+            for instance in &service.instances {
+                crate::metrics::upstream_health(&service.name, &instance.url, instance.healthy);
+            }
+        }
+    }
 }
 
 impl Handler<ReportProbe> for RegistryActor {
@@ -282,15 +291,15 @@ impl Handler<ReportProbe> for RegistryActor {
 
     fn handle(&mut self, msg: ReportProbe, _: &mut Context<Self>) {
         let thresholds = self.thresholds;
-        let Some(state) = self
-            .services
-            .get_mut(msg.service)
-            .and_then(|service| service.instances.get_mut(msg.instance))
-        else {
+        let Some(service) = self.services.get_mut(msg.service) else {
+            return;
+        };
+        let Some(state) = service.instances.get_mut(msg.instance) else {
             return;
         };
         state.last_check = Some(msg.checked_at);
         state.response_time = Some(msg.elapsed);
+        crate::metrics::probe_completed(&service.name, &state.url, msg.elapsed);
         if state.record_probe(&msg.outcome, thresholds) {
             if state.healthy {
                 self.passive.reset(msg.service, msg.instance);

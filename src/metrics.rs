@@ -1,0 +1,83 @@
+//! Prometheus metrics (SPEC §5 `/metrics`), recorded through the `metrics`
+//! facade and rendered by `metrics-exporter-prometheus`.
+//!
+//! The recorder is process-global and installed once; every gateway built in
+//! the process records into it.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Request duration buckets, in seconds: from sub-millisecond proxying to
+/// the default 30 s upstream timeout.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0,
+];
+
+/// Installs the recorder (once per process) and returns its handle.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&DURATION_BUCKETS)
+            .expect("bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (an embedding program):
+        // then this handle renders nothing, which is the embedder's choice.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// The text exposition; also runs the exporter's upkeep (histogram draining).
+pub fn render() -> String {
+    let handle = install();
+    handle.run_upkeep();
+    handle.render()
+}
+
+/// Drains histograms so their memory stays bounded between scrapes.
+pub fn run_upkeep() {
+    install().run_upkeep();
+}
+
+pub fn request_completed(route: &str, method: &str, status: u16, elapsed: Duration) {
+    metrics::counter!(
+        "gatehouse_requests_total",
+        "route" => route.to_owned(),
+        "method" => method.to_owned(),
+        "status" => status.to_string()
+    )
+    .increment(1);
+    metrics::histogram!("gatehouse_request_duration_seconds", "route" => route.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn upstream_health(service: &str, instance: &str, healthy: bool) {
+    metrics::gauge!("gatehouse_upstream_healthy", "service" => service.to_owned(), "instance" => instance.to_owned())
+        .set(if healthy { 1.0 } else { 0.0 });
+}
+
+pub fn probe_completed(service: &str, instance: &str, elapsed: Duration) {
+    metrics::histogram!(
+        "gatehouse_upstream_probe_duration_seconds",
+        "service" => service.to_owned(),
+        "instance" => instance.to_owned()
+    )
+    .record(elapsed.as_secs_f64());
+}
+
+pub fn rate_limited(policy: &str) {
+    metrics::counter!("gatehouse_rate_limited_total", "policy" => policy.to_owned()).increment(1);
+}
+
+pub fn rate_limit_backend_error() {
+    metrics::counter!("gatehouse_rate_limit_backend_errors_total").increment(1);
+}
+
+pub fn upstream_error(service: &str, kind: &'static str) {
+    metrics::counter!("gatehouse_upstream_errors_total", "service" => service.to_owned(), "kind" => kind).increment(1);
+}

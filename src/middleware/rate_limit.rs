@@ -1,0 +1,210 @@
+//! Steps 4 and 5b of the pipeline: rate limits, counted at two points.
+//!
+//! - [`Stage::Address`], before auth: the global policy and the route's, those
+//!   keyed by `ip` (so rejected tokens count, and token brute force is
+//!   limited). Unmatched requests count against the global policy here,
+//!   before their 404/405.
+//! - [`Stage::User`], after auth: those keyed by `user` (the JWT `sub`, or the
+//!   client address when there is no token).
+//!
+//! The policies of one point are decided in one round trip, all or nothing.
+//! The address stage, being outer, writes the `RateLimit-*` headers of the
+//! most restrictive policy seen at either point onto the response.
+
+use std::future::{ready, Ready};
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
+use actix_web::{Error, HttpMessage};
+use futures_util::future::{Either, LocalBoxFuture};
+
+use crate::auth::Identity;
+use crate::error::GatewayError;
+use crate::gateway::Gateway;
+use crate::middleware::route_match::{Routed, Target};
+use crate::ratelimit::{PolicyState, RateLimiter};
+use crate::settings::PolicyKey;
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Address,
+    User,
+}
+
+/// The most restrictive policy state of the request so far.
+#[derive(Debug, Clone, Copy)]
+struct LimitState(PolicyState);
+
+/// The client address of SPEC §4, for the rate-limit key.
+pub fn client_address(req: &ServiceRequest, gateway: &Gateway) -> Option<IpAddr> {
+    let peer = req.peer_addr()?.ip();
+    let forwarded = req
+        .headers()
+        .get_all(X_FORWARDED_FOR)
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|entry| entry.trim().parse::<IpAddr>().ok())
+        .collect::<Vec<_>>();
+    Some(gateway.client_address(peer, forwarded.into_iter()))
+}
+
+/// The policies this stage counts for this request.
+fn policies_for(req: &ServiceRequest, gateway: &Gateway, stage: Stage) -> Vec<usize> {
+    let key = match stage {
+        Stage::Address => PolicyKey::Ip,
+        Stage::User => PolicyKey::User,
+    };
+    let extensions = req.extensions();
+    match extensions.get::<Routed>().map(|routed| &routed.target) {
+        Some(Target::Route(route)) => gateway.policies_for(route.rate_limit, key),
+        Some(Target::NotFound | Target::MethodNotAllowed(_)) => gateway.policies_for(None, key),
+        Some(Target::Health | Target::Metrics) | None => Vec::new(),
+    }
+}
+
+fn client_key(req: &ServiceRequest, gateway: &Gateway, stage: Stage) -> String {
+    if stage == Stage::User {
+        if let Some(identity) = req.extensions().get::<Identity>() {
+            return identity.subject.clone();
+        }
+    }
+    client_address(req, gateway).map_or_else(|| "unknown".to_owned(), |ip| ip.to_string())
+}
+
+fn set_headers(headers: &mut HeaderMap, state: PolicyState, limiter: &RateLimiter) {
+    headers.insert(
+        RATELIMIT_POLICY,
+        limiter.policy(state.policy).header.clone(),
+    );
+    headers.insert(RATELIMIT_LIMIT, HeaderValue::from(state.limit));
+    headers.insert(RATELIMIT_REMAINING, HeaderValue::from(state.remaining));
+    headers.insert(RATELIMIT_RESET, HeaderValue::from(state.reset_s));
+}
+
+pub struct RateLimit {
+    stage: Stage,
+    gateway: Arc<Gateway>,
+    limiter: Rc<RateLimiter>,
+}
+
+impl RateLimit {
+    pub fn new(stage: Stage, gateway: Arc<Gateway>, limiter: Rc<RateLimiter>) -> Self {
+        Self {
+            stage,
+            gateway,
+            limiter,
+        }
+    }
+}
+
+impl<S, B> Transform<S, ServiceRequest> for RateLimit
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = Error;
+    type Transform = RateLimitService<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(RateLimitService {
+            service: Rc::new(service),
+            stage: self.stage,
+            gateway: self.gateway.clone(),
+            limiter: self.limiter.clone(),
+        }))
+    }
+}
+
+pub struct RateLimitService<S> {
+    service: Rc<S>,
+    stage: Stage,
+    gateway: Arc<Gateway>,
+    limiter: Rc<RateLimiter>,
+}
+
+impl<S, B> Service<ServiceRequest> for RateLimitService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = Error;
+    type Future = Either<
+        LocalBoxFuture<'static, Result<Self::Response, Self::Error>>,
+        LocalBoxFuture<'static, Result<Self::Response, Self::Error>>,
+    >;
+
+    actix_web::dev::forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        let policies = policies_for(&req, &self.gateway, self.stage);
+        let stage = self.stage;
+        let service = self.service.clone();
+        let limiter = self.limiter.clone();
+        if policies.is_empty() {
+            // Nothing to count here; the address stage still writes headers
+            // for what the user stage counted.
+            let response = service.call(req);
+            return Either::Left(Box::pin(async move {
+                let mut response = response.await?;
+                if stage == Stage::Address {
+                    let state = response.request().extensions().get::<LimitState>().copied();
+                    if let Some(LimitState(state)) = state {
+                        set_headers(response.headers_mut(), state, &limiter);
+                    }
+                }
+                Ok(response.map_into_left_body())
+            }));
+        }
+        let key = client_key(&req, &self.gateway, stage);
+        Either::Right(Box::pin(async move {
+            let verdict = match limiter.check(&key, &policies).await {
+                Ok(verdict) => verdict,
+                Err(error) => return Ok(req.error_response(error).map_into_right_body()),
+            };
+            if let Some(verdict) = &verdict {
+                let seen = req.extensions().get::<LimitState>().copied();
+                if let Some(state) = verdict.most_restrictive() {
+                    let merged =
+                        seen.map_or(state, |LimitState(earlier)| earlier.more_restrictive(state));
+                    req.extensions_mut().insert(LimitState(merged));
+                }
+                if let (false, Some(refusing)) = (verdict.admitted, verdict.refusing()) {
+                    let policy = limiter.policy(refusing.policy);
+                    crate::metrics::rate_limited(&policy.name);
+                    let error = GatewayError::RateLimited {
+                        policy: policy.name.clone(),
+                        message: policy.message.clone(),
+                        retry_after: refusing.reset_s,
+                    };
+                    let mut response = req.error_response(error);
+                    if stage == Stage::Address {
+                        set_headers(response.headers_mut(), refusing, &limiter);
+                    }
+                    return Ok(response.map_into_right_body());
+                }
+            }
+            let mut response = service.call(req).await?;
+            if stage == Stage::Address {
+                let state = response.request().extensions().get::<LimitState>().copied();
+                if let Some(LimitState(state)) = state {
+                    set_headers(response.headers_mut(), state, &limiter);
+                }
+            }
+            Ok(response.map_into_left_body())
+        }))
+    }
+}

@@ -1,0 +1,143 @@
+//! The sliding log in a shared Redis: every gateway instance counts in the
+//! same sorted sets, so a policy holds for the fleet.
+//!
+//! One decision is one atomic Lua script (EVALSHA, reloaded on NOSCRIPT by
+//! `redis::Script`) over all the policies counted at one point; it reads the
+//! time from Redis `TIME`, so gateway clocks never matter. Every key gets a
+//! PEXPIRE of its window, so Redis holds only the clients active within one.
+//! Each call is bounded by `rate_limit.redis_timeout_ms`, pool waits included.
+
+use std::time::Duration;
+
+use deadpool_redis::redis::Script;
+use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
+
+use super::{redis_key, verdict_from_counts, Policy, Verdict};
+use crate::settings::RateLimitSettings;
+
+/// Connections per worker; each is multiplexed, so a few carry many requests.
+const POOL_SIZE_PER_WORKER: usize = 4;
+
+/// KEYS: one sorted set per policy. ARGV[1]: a unique member suffix; then per
+/// policy its window (µs) and max. Returns {admitted, now_us, count_1,
+/// oldest_1, …}: counts include this request when admitted.
+const SLIDING_LOG: &str = r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local member = time[1] .. string.format('%06d', tonumber(time[2])) .. ':' .. ARGV[1]
+local counts = {}
+local admitted = 1
+for i = 1, #KEYS do
+  local window = tonumber(ARGV[2 * i])
+  local max = tonumber(ARGV[2 * i + 1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  counts[i] = redis.call('ZCARD', KEYS[i])
+  if counts[i] >= max then admitted = 0 end
+end
+local result = { admitted, now }
+for i = 1, #KEYS do
+  local window = tonumber(ARGV[2 * i])
+  if admitted == 1 then
+    redis.call('ZADD', KEYS[i], now, member)
+    redis.call('PEXPIRE', KEYS[i], math.ceil(window / 1000))
+    counts[i] = counts[i] + 1
+  end
+  local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  result[#result + 1] = counts[i]
+  result[#result + 1] = oldest[2] and tonumber(oldest[2]) or now
+end
+return result
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("pool: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    #[error("redis: {0}")]
+    Redis(#[from] deadpool_redis::redis::RedisError),
+    #[error("unexpected script reply")]
+    Reply,
+}
+
+pub struct RedisStore {
+    pool: Pool,
+    script: Script,
+    key_prefix: String,
+    timeout: Duration,
+}
+
+impl RedisStore {
+    pub fn new(settings: &RateLimitSettings) -> Result<Self, String> {
+        let timeout = Duration::from_millis(settings.redis_timeout_ms);
+        let mut config = Config::from_url(settings.redis_url.expose());
+        config.pool = Some(PoolConfig {
+            max_size: POOL_SIZE_PER_WORKER,
+            // deadpool waits forever by default; no request may.
+            timeouts: Timeouts {
+                wait: Some(timeout),
+                create: Some(timeout),
+                recycle: Some(timeout),
+            },
+            ..PoolConfig::default()
+        });
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|err| format!("rate_limit.redis_url: {err}"))?;
+        Ok(Self {
+            pool,
+            script: Script::new(SLIDING_LOG),
+            key_prefix: settings.key_prefix.clone(),
+            timeout,
+        })
+    }
+
+    pub async fn check(
+        &self,
+        client: &str,
+        policies: &[(usize, &Policy)],
+    ) -> Result<Verdict, RedisError> {
+        match actix_rt::time::timeout(self.timeout, self.run_script(client, policies)).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisError::Timeout(self.timeout)),
+        }
+    }
+
+    async fn run_script(
+        &self,
+        client: &str,
+        policies: &[(usize, &Policy)],
+    ) -> Result<Verdict, RedisError> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(uuid::Uuid::new_v4().simple().to_string());
+        for (_, policy) in policies {
+            invocation
+                .key(redis_key(&self.key_prefix, client, &policy.name))
+                .arg(policy.window_us())
+                .arg(policy.max);
+        }
+        let mut connection = self.pool.get().await?;
+        let reply: Vec<i64> = invocation.invoke_async(&mut connection).await?;
+        let (head, per_policy) = reply.split_at_checked(2).ok_or(RedisError::Reply)?;
+        if per_policy.len() != policies.len() * 2 {
+            return Err(RedisError::Reply);
+        }
+        let admitted = head[0] == 1;
+        let now_us = head[1].max(0) as u64;
+        let counts: Vec<u64> = per_policy
+            .iter()
+            .step_by(2)
+            .map(|&count| count.max(0) as u64)
+            .collect();
+        let oldest: Vec<u64> = per_policy
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(|&at| at.max(0) as u64)
+            .collect();
+        Ok(verdict_from_counts(
+            policies, admitted, now_us, &counts, &oldest,
+        ))
+    }
+}
