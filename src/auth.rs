@@ -43,10 +43,7 @@ pub enum TokenError {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("auth.public_key_pem: cannot read {path:?}: {source}")]
-    Unreadable {
-        path: String,
-        source: std::io::Error,
-    },
+    Unreadable { path: String, source: std::io::Error },
     #[error("auth.public_key_pem: {path:?} is not a {family} public key in PEM form: {source}")]
     BadPem {
         path: String,
@@ -194,12 +191,7 @@ fn validation_for(algorithm: Algorithm, settings: &AuthSettings) -> Validation {
 
 /// `gatehouse token`: signs with the configured secret and the first HS
 /// algorithm of `auth.algorithms`.
-pub fn mint_token(
-    settings: &AuthSettings,
-    subject: &str,
-    roles: &[String],
-    ttl_s: u64,
-) -> Result<String, String> {
+pub fn mint_token(settings: &AuthSettings, subject: &str, roles: &[String], ttl_s: u64) -> Result<String, String> {
     let algorithm = settings
         .algorithms
         .iter()

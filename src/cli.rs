@@ -5,11 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "gatehouse",
-    version,
-    about = "An API gateway for HTTP microservices"
-)]
+#[command(name = "gatehouse", version, about = "An API gateway for HTTP microservices")]
 pub struct Cli {
     /// A settings file applied after the settings directory's layers.
     #[arg(long, global = true, value_name = "FILE")]

@@ -27,14 +27,8 @@ pub async fn health(method: &Method, ctx: &WorkerContext) -> Result<HttpResponse
         .await
         .map_err(|err| GatewayError::Internal(format!("registry unavailable: {err}")))?;
     Ok(HttpResponse::Ok()
-        .insert_header((
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        ))
-        .body(
-            serde_json::to_string(&report)
-                .map_err(|err| GatewayError::Internal(err.to_string()))?,
-        ))
+        .insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/json")))
+        .body(serde_json::to_string(&report).map_err(|err| GatewayError::Internal(err.to_string()))?))
 }
 
 /// `GET /metrics`: Prometheus text exposition.

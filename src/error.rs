@@ -73,9 +73,7 @@ impl GatewayError {
 
     fn service(&self) -> Option<&str> {
         match self {
-            Self::ServiceUnavailable { service, .. } | Self::GatewayTimeout { service } => {
-                Some(service)
-            }
+            Self::ServiceUnavailable { service, .. } | Self::GatewayTimeout { service } => Some(service),
             _ => None,
         }
     }
@@ -92,9 +90,7 @@ impl ResponseError for GatewayError {
             Self::TokenRequired => StatusCode::UNAUTHORIZED,
             Self::InvalidToken(_) | Self::InsufficientPermissions => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::RateLimitBackendUnavailable | Self::ServiceUnavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::RateLimitBackendUnavailable | Self::ServiceUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -112,27 +108,21 @@ impl ResponseError for GatewayError {
             service: self.service(),
         };
         let mut response = HttpResponse::build(status);
-        response.insert_header((
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        ));
+        response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/json")));
         match self {
             Self::MethodNotAllowed { allow } => {
                 response.insert_header((header::ALLOW, allow.clone()));
             }
             Self::TokenRequired => {
-                response
-                    .insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+                response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
             }
             Self::RateLimited { retry_after, .. } => {
                 response.insert_header((header::RETRY_AFTER, *retry_after));
             }
             _ => {}
         }
-        response.body(
-            serde_json::to_string(&body)
-                .unwrap_or_else(|_| r#"{"error":"Internal gateway error"}"#.to_owned()),
-        )
+        response
+            .body(serde_json::to_string(&body).unwrap_or_else(|_| r#"{"error":"Internal gateway error"}"#.to_owned()))
     }
 }
 
@@ -151,27 +141,15 @@ mod tests {
     #[test]
     fn bodies_match_the_spec() {
         let cases = [
-            (
-                GatewayError::BadRequest("x"),
-                400,
-                r#"{"error":"Bad request"}"#,
-            ),
+            (GatewayError::BadRequest("x"), 400, r#"{"error":"Bad request"}"#),
             (GatewayError::NotFound, 404, r#"{"error":"Not found"}"#),
-            (
-                GatewayError::PayloadTooLarge,
-                413,
-                r#"{"error":"Payload too large"}"#,
-            ),
+            (GatewayError::PayloadTooLarge, 413, r#"{"error":"Payload too large"}"#),
             (
                 GatewayError::HeaderFieldsTooLarge,
                 431,
                 r#"{"error":"Request header fields too large"}"#,
             ),
-            (
-                GatewayError::TokenRequired,
-                401,
-                r#"{"error":"Access token required"}"#,
-            ),
+            (GatewayError::TokenRequired, 401, r#"{"error":"Access token required"}"#),
             (
                 GatewayError::InvalidToken("exp".into()),
                 403,
@@ -191,9 +169,7 @@ mod tests {
                 r#"{"error":"Service unavailable","service":"user"}"#,
             ),
             (
-                GatewayError::GatewayTimeout {
-                    service: "user".into(),
-                },
+                GatewayError::GatewayTimeout { service: "user".into() },
                 504,
                 r#"{"error":"Gateway timeout","service":"user"}"#,
             ),

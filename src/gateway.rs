@@ -59,10 +59,7 @@ impl Gateway {
             let instances = service
                 .instances
                 .iter()
-                .map(|url| {
-                    Instance::parse(url)
-                        .map_err(|err| format!("services.{name}.instances: {url:?}: {err}"))
-                })
+                .map(|url| Instance::parse(url).map_err(|err| format!("services.{name}.instances: {url:?}: {err}")))
                 .collect::<Result<Vec<_>, _>>()?;
             services.push(Service {
                 name: name.as_str().into(),
@@ -76,34 +73,18 @@ impl Gateway {
             .rate_limit
             .policies
             .iter()
-            .map(|(name, policy)| {
-                Policy::new(
-                    name,
-                    policy.window_s,
-                    policy.max,
-                    policy.key,
-                    &policy.message,
-                )
-            })
+            .map(|(name, policy)| Policy::new(name, policy.window_s, policy.max, policy.key, &policy.message))
             .collect();
         let global_policy = match settings.rate_limit.global.as_str() {
             "" => None,
-            name => Some(
-                policy_index(name)
-                    .ok_or_else(|| format!("rate_limit.global: no policy named {name:?}"))?,
-            ),
+            name => Some(policy_index(name).ok_or_else(|| format!("rate_limit.global: no policy named {name:?}"))?),
         };
         let mut routes = Vec::with_capacity(settings.routes.len());
         for (name, route) in &settings.routes {
             let service = services
                 .iter()
                 .position(|service| *service.name == *route.service)
-                .ok_or_else(|| {
-                    format!(
-                        "routes.{name}.service: no service named {:?}",
-                        route.service
-                    )
-                })?;
+                .ok_or_else(|| format!("routes.{name}.service: no service named {:?}", route.service))?;
             let methods = if route.methods.is_empty() {
                 None
             } else {
@@ -125,9 +106,10 @@ impl Gateway {
                 strip_prefix: route.strip_prefix,
                 rate_limit: match &route.rate_limit {
                     None => None,
-                    Some(policy) => Some(policy_index(policy).ok_or_else(|| {
-                        format!("routes.{name}.rate_limit: no policy named {policy:?}")
-                    })?),
+                    Some(policy) => Some(
+                        policy_index(policy)
+                            .ok_or_else(|| format!("routes.{name}.rate_limit: no policy named {policy:?}"))?,
+                    ),
                 },
             });
         }
@@ -144,9 +126,7 @@ impl Gateway {
     }
 
     pub fn is_trusted_proxy(&self, address: IpAddr) -> bool {
-        self.trusted_proxies
-            .iter()
-            .any(|net| net.contains(&address))
+        self.trusted_proxies.iter().any(|net| net.contains(&address))
     }
 
     /// The policies counted for a request at one pipeline point: the global
@@ -162,11 +142,7 @@ impl Gateway {
     /// The client address of SPEC §4: the TCP peer, or, when the peer is a
     /// trusted proxy, the right-most `X-Forwarded-For` entry that is not
     /// itself trusted.
-    pub fn client_address(
-        &self,
-        peer: IpAddr,
-        forwarded_for: impl DoubleEndedIterator<Item = IpAddr>,
-    ) -> IpAddr {
+    pub fn client_address(&self, peer: IpAddr, forwarded_for: impl DoubleEndedIterator<Item = IpAddr>) -> IpAddr {
         if !self.is_trusted_proxy(peer) {
             return peer;
         }
@@ -190,8 +166,7 @@ impl Instance {
             Some(port) => format!("{host}:{port}"),
             None => host.to_owned(),
         };
-        let authority =
-            Authority::try_from(authority_text.as_str()).map_err(|err| err.to_string())?;
+        let authority = Authority::try_from(authority_text.as_str()).map_err(|err| err.to_string())?;
         Ok(Self {
             url: raw.to_owned(),
             scheme,

@@ -18,18 +18,16 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Token { sub, roles, ttl } => {
-            match auth::mint_token(&settings.auth, &sub, &roles, ttl) {
-                Ok(token) => {
-                    println!("{token}");
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("gatehouse: {err}");
-                    ExitCode::FAILURE
-                }
+        Command::Token { sub, roles, ttl } => match auth::mint_token(&settings.auth, &sub, &roles, ttl) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
             }
-        }
+            Err(err) => {
+                eprintln!("gatehouse: {err}");
+                ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig => {
             print!("{}", settings.to_redacted_toml());
             ExitCode::SUCCESS

@@ -105,9 +105,7 @@ impl Failure {
     fn into_error(self, service: &Service) -> GatewayError {
         let service = service.name.to_string();
         match self {
-            Self::Connect(reason) | Self::Reset(reason) => {
-                GatewayError::ServiceUnavailable { service, reason }
-            }
+            Self::Connect(reason) | Self::Reset(reason) => GatewayError::ServiceUnavailable { service, reason },
             Self::Timeout => GatewayError::GatewayTimeout { service },
             Self::BodyTooLarge => GatewayError::PayloadTooLarge,
             Self::ClientBody => GatewayError::BadRequest("request body failed"),
@@ -140,17 +138,7 @@ pub async fn forward(
     let first = pick(ctx, route.service, None)
         .await?
         .ok_or_else(|| unavailable(service, "no healthy instance"))?;
-    let failure = match attempt(
-        ctx,
-        req,
-        route.service,
-        first,
-        &path_and_query,
-        headers.clone(),
-        body,
-    )
-    .await
-    {
+    let failure = match attempt(ctx, req, route.service, first, &path_and_query, headers.clone(), body).await {
         Ok(response) => return Ok(response),
         Err(failure) => failure,
     };
@@ -174,11 +162,7 @@ pub async fn forward(
     .map_err(|failure| failure.into_error(service))
 }
 
-async fn pick(
-    ctx: &WorkerContext,
-    service: usize,
-    exclude: Option<usize>,
-) -> Result<Option<usize>, GatewayError> {
+async fn pick(ctx: &WorkerContext, service: usize, exclude: Option<usize>) -> Result<Option<usize>, GatewayError> {
     ctx.balancer
         .send(PickTarget { service, exclude })
         .await
@@ -210,9 +194,7 @@ async fn attempt(
     let overflowed = body.overflow_flag();
     let sent = match body {
         RequestBody::None => request.send_body(http_body::None::new()).await,
-        RequestBody::Sized(length, stream) => {
-            request.send_body(SizedStream::new(length, stream)).await
-        }
+        RequestBody::Sized(length, stream) => request.send_body(SizedStream::new(length, stream)).await,
         RequestBody::Chunked(stream) => request.send_stream(stream).await,
     };
     match sent {
@@ -223,12 +205,8 @@ async fn attempt(
         Err(error) => {
             let failure = Failure::classify(error, overflowed.is_some_and(|flag| flag.get()));
             tracing::warn!(instance = %instance.url, kind = failure.kind(), error = ?failure, "upstream request failed");
-            crate::metrics::upstream_error(
-                &ctx.gateway.services[service_index].name,
-                failure.kind(),
-            );
-            if failure.counts_against_instance() && ctx.passive.record_failure(service_index, index)
-            {
+            crate::metrics::upstream_error(&ctx.gateway.services[service_index].name, failure.kind());
+            if failure.counts_against_instance() && ctx.passive.record_failure(service_index, index) {
                 ctx.registry.do_send(ReportPassiveFailure {
                     service: service_index,
                     instance: index,
@@ -240,11 +218,7 @@ async fn attempt(
     }
 }
 
-fn upstream_path_and_query(
-    req: &HttpRequest,
-    route: &Route,
-    path: &str,
-) -> Result<PathAndQuery, GatewayError> {
+fn upstream_path_and_query(req: &HttpRequest, route: &Route, path: &str) -> Result<PathAndQuery, GatewayError> {
     let path = if route.strip_prefix {
         strip_route_prefix(path, &route.prefix)
     } else {
@@ -261,8 +235,7 @@ fn upstream_uri(instance: &Instance, path_and_query: &PathAndQuery) -> Result<Ur
     let path_and_query = if instance.base_path.is_empty() {
         path_and_query.clone()
     } else {
-        PathAndQuery::try_from(format!("{}{}", instance.base_path, path_and_query))
-            .map_err(|err| err.to_string())?
+        PathAndQuery::try_from(format!("{}{}", instance.base_path, path_and_query)).map_err(|err| err.to_string())?
     };
     Uri::builder()
         .scheme(instance.scheme.clone())
@@ -392,9 +365,7 @@ fn client_response(mut upstream: awc::ClientResponse, method: &Method) -> HttpRe
 
     let body = match (bodiless, declared_length) {
         // HEAD keeps the length the upstream declared; actix writes no body.
-        (true, Some(length)) if method == Method::HEAD => {
-            BoxBody::new(SizedStream::new(length, EmptyStream))
-        }
+        (true, Some(length)) if method == Method::HEAD => BoxBody::new(SizedStream::new(length, EmptyStream)),
         (true, _) => BoxBody::new(http_body::None::new()),
         (false, Some(length)) => BoxBody::new(SizedStream::new(length, payload)),
         (false, None) => BoxBody::new(http_body::BodyStream::new(payload)),
@@ -415,9 +386,7 @@ fn client_response(mut upstream: awc::ClientResponse, method: &Method) -> HttpRe
         headers.append(name.clone(), value.clone());
     }
     if status == StatusCode::NOT_MODIFIED {
-        if let Some(length) =
-            declared_length.and_then(|length| HeaderValue::from_str(&length.to_string()).ok())
-        {
+        if let Some(length) = declared_length.and_then(|length| HeaderValue::from_str(&length.to_string()).ok()) {
             headers.insert(header::CONTENT_LENGTH, length);
         }
     }

@@ -58,10 +58,7 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, InvalidPath> {
 /// True when `rest` (starting at a `.` right after a `/`) is a whole `.` or
 /// `..` segment.
 fn is_dot_segment_start(rest: &[u8]) -> bool {
-    matches!(
-        rest,
-        [b'.'] | [b'.', b'/', ..] | [b'.', b'.'] | [b'.', b'.', b'/', ..]
-    )
+    matches!(rest, [b'.'] | [b'.', b'/', ..] | [b'.', b'.'] | [b'.', b'.', b'/', ..])
 }
 
 fn hex_value(byte: u8) -> Option<u8> {
@@ -173,9 +170,7 @@ pub struct Route {
 
 impl Route {
     fn allows(&self, method: &Method) -> bool {
-        self.methods
-            .as_ref()
-            .is_none_or(|methods| methods.contains(method))
+        self.methods.as_ref().is_none_or(|methods| methods.contains(method))
     }
 }
 
@@ -196,12 +191,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     pub fn new(mut routes: Vec<Route>) -> Self {
-        routes.sort_by(|a, b| {
-            b.prefix
-                .len()
-                .cmp(&a.prefix.len())
-                .then_with(|| a.name.cmp(&b.name))
-        });
+        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then_with(|| a.name.cmp(&b.name)));
         Self {
             routes: routes.into_iter().map(Arc::new).collect(),
         }
@@ -288,24 +278,14 @@ mod tests {
         ];
         for (raw, expected) in cases {
             let got = normalize_path(raw);
-            assert_eq!(
-                got.as_deref().map_err(|e| *e),
-                *expected,
-                "normalizing {raw:?}"
-            );
+            assert_eq!(got.as_deref().map_err(|e| *e), *expected, "normalizing {raw:?}");
         }
     }
 
     #[test]
     fn clean_paths_are_not_copied() {
-        assert!(matches!(
-            normalize_path("/api/users/7?"),
-            Ok(Cow::Borrowed(_))
-        ));
-        assert!(matches!(
-            normalize_path("/api/v1.2/x"),
-            Ok(Cow::Borrowed(_))
-        ));
+        assert!(matches!(normalize_path("/api/users/7?"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(normalize_path("/api/v1.2/x"), Ok(Cow::Borrowed(_))));
     }
 
     #[test]
@@ -321,11 +301,7 @@ mod tests {
             ("/api", "/api/", false),
         ];
         for (path, prefix, expected) in cases {
-            assert_eq!(
-                prefix_matches(path, prefix),
-                expected,
-                "{path:?} against {prefix:?}"
-            );
+            assert_eq!(prefix_matches(path, prefix), expected, "{path:?} against {prefix:?}");
         }
     }
 
@@ -366,10 +342,7 @@ mod tests {
         ]);
         assert_eq!(matched(&table, "/api/users/7", Method::GET), "users");
         assert_eq!(matched(&table, "/api/usersx", Method::GET), "api");
-        assert_eq!(
-            matched(&table, "/api/users/admin", Method::POST),
-            "user-writes"
-        );
+        assert_eq!(matched(&table, "/api/users/admin", Method::POST), "user-writes");
         assert_eq!(matched(&table, "/api/users/admin", Method::GET), "users");
         assert_eq!(matched(&table, "/other", Method::GET), "root");
         assert_eq!(matched(&table, "/other", Method::DELETE), "405 GET");

@@ -402,16 +402,11 @@ impl Settings {
         }
         let mut builder = Config::builder()
             .add_source(File::from(default_file))
-            .add_source(
-                File::from(dir.join(format!("{}.toml", sources.environment))).required(false),
-            )
+            .add_source(File::from(dir.join(format!("{}.toml", sources.environment))).required(false))
             .add_source(File::from(dir.join("local.toml")).required(false));
         if let Some(file) = &sources.config_file {
             if !file.is_file() {
-                return Err(ConfigError::Load(format!(
-                    "--config {}: not found",
-                    file.display()
-                )));
+                return Err(ConfigError::Load(format!("--config {}: not found", file.display())));
             }
             builder = builder.add_source(File::from(file.as_path()));
         }
@@ -449,40 +444,19 @@ impl Settings {
                 self.server.client_request_timeout_ms,
             ),
             ("server.max_body_bytes", self.server.max_body_bytes),
-            (
-                "server.max_header_bytes",
-                self.server.max_header_bytes as u64,
-            ),
-            (
-                "upstream.connect_timeout_ms",
-                self.upstream.connect_timeout_ms,
-            ),
-            (
-                "upstream.request_timeout_ms",
-                self.upstream.request_timeout_ms,
-            ),
+            ("server.max_header_bytes", self.server.max_header_bytes as u64),
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.request_timeout_ms", self.upstream.request_timeout_ms),
             (
                 "upstream.max_connections_per_host",
                 self.upstream.max_connections_per_host as u64,
             ),
             ("health.interval_ms", self.health.interval_ms),
             ("health.timeout_ms", self.health.timeout_ms),
-            (
-                "health.unhealthy_threshold",
-                self.health.unhealthy_threshold.into(),
-            ),
-            (
-                "health.healthy_threshold",
-                self.health.healthy_threshold.into(),
-            ),
-            (
-                "health.passive_failures",
-                self.health.passive_failures.into(),
-            ),
-            (
-                "rate_limit.redis_timeout_ms",
-                self.rate_limit.redis_timeout_ms,
-            ),
+            ("health.unhealthy_threshold", self.health.unhealthy_threshold.into()),
+            ("health.healthy_threshold", self.health.healthy_threshold.into()),
+            ("health.passive_failures", self.health.passive_failures.into()),
+            ("rate_limit.redis_timeout_ms", self.rate_limit.redis_timeout_ms),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -491,10 +465,7 @@ impl Settings {
         }
 
         if self.services.is_empty() {
-            problem(
-                "services".to_owned(),
-                "at least one service is required".to_owned(),
-            );
+            problem("services".to_owned(), "at least one service is required".to_owned());
         }
         for (name, service) in &self.services {
             let key = format!("services.{name}");
@@ -510,10 +481,7 @@ impl Settings {
                 }
             }
             if !service.health_path.starts_with('/') {
-                problem(
-                    format!("{key}.health_path"),
-                    "must start with \"/\"".to_owned(),
-                );
+                problem(format!("{key}.health_path"), "must start with \"/\"".to_owned());
             }
         }
 
@@ -553,24 +521,15 @@ impl Settings {
             }
             for method in &route.methods {
                 if actix_web::http::Method::from_bytes(method.as_bytes()).is_err() {
-                    problem(
-                        format!("{key}.methods"),
-                        format!("{method:?} is not an HTTP method"),
-                    );
+                    problem(format!("{key}.methods"), format!("{method:?} is not an HTTP method"));
                 }
             }
             if route.roles.iter().any(|role| role.is_empty()) {
-                problem(
-                    format!("{key}.roles"),
-                    "roles must not be empty strings".to_owned(),
-                );
+                problem(format!("{key}.roles"), "roles must not be empty strings".to_owned());
             }
             if let Some(policy) = &route.rate_limit {
                 if !self.rate_limit.policies.contains_key(policy) {
-                    problem(
-                        format!("{key}.rate_limit"),
-                        format!("no policy named {policy:?}"),
-                    );
+                    problem(format!("{key}.rate_limit"), format!("no policy named {policy:?}"));
                 }
             }
         }
@@ -606,10 +565,7 @@ impl Settings {
         for (name, policy) in &rate_limit.policies {
             let key = format!("rate_limit.policies.{name}");
             if policy.window_s == 0 {
-                problem(
-                    format!("{key}.window_s"),
-                    "must be greater than 0".to_owned(),
-                );
+                problem(format!("{key}.window_s"), "must be greater than 0".to_owned());
             }
             if policy.max == 0 {
                 problem(format!("{key}.max"), "must be greater than 0".to_owned());
@@ -623,10 +579,7 @@ impl Settings {
             ),
         }
         if rate_limit.key_prefix.is_empty() {
-            problem(
-                "rate_limit.key_prefix".to_owned(),
-                "must not be empty".to_owned(),
-            );
+            problem("rate_limit.key_prefix".to_owned(), "must not be empty".to_owned());
         }
 
         for problem_line in self.auth_problems() {
@@ -649,9 +602,7 @@ impl Settings {
             problems.push("auth.algorithms: at least one algorithm is required".to_owned());
         }
         if !auth.jwt_secret.is_empty() && auth.jwt_secret.expose().len() < MIN_HS_SECRET_BYTES {
-            problems.push(format!(
-                "auth.jwt_secret: must be at least {MIN_HS_SECRET_BYTES} bytes"
-            ));
+            problems.push(format!("auth.jwt_secret: must be at least {MIN_HS_SECRET_BYTES} bytes"));
         }
         let needs_auth = self.routes.values().any(RouteSettings::needs_auth);
         if !needs_auth {
@@ -685,8 +636,7 @@ impl Settings {
 
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self)
-            .unwrap_or_else(|err| format!("# cannot render settings: {err}\n"))
+        toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot render settings: {err}\n"))
     }
 
     /// True when the configured HS secret is the development one shipped in
@@ -700,17 +650,11 @@ impl Settings {
 pub const DEV_SECRET_MARKER: &str = "dev-only-insecure-secret";
 
 pub fn is_hmac(algorithm: Algorithm) -> bool {
-    matches!(
-        algorithm,
-        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
-    )
+    matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
 }
 
 fn algorithm_names<'a>(algorithms: impl Iterator<Item = &'a Algorithm>) -> String {
-    algorithms
-        .map(|alg| format!("{alg:?}"))
-        .collect::<Vec<_>>()
-        .join("/")
+    algorithms.map(|alg| format!("{alg:?}")).collect::<Vec<_>>().join("/")
 }
 
 fn check_instance_url(raw: &str) -> Result<(), String> {
@@ -777,9 +721,9 @@ fn insert_dotted(table: &mut config::Map<String, config::Value>, key: &str, valu
             table.insert(key.to_owned(), value);
         }
         Some((head, rest)) => {
-            let entry = table.entry(head.to_owned()).or_insert_with(|| {
-                config::Value::new(None, config::Map::<String, config::Value>::new())
-            });
+            let entry = table
+                .entry(head.to_owned())
+                .or_insert_with(|| config::Value::new(None, config::Map::<String, config::Value>::new()));
             let mut nested = entry.clone().into_table().unwrap_or_default();
             insert_dotted(&mut nested, rest, value);
             *entry = config::Value::new(None, nested);
@@ -904,17 +848,15 @@ service = "user"
 
     #[test]
     fn every_problem_is_reported_at_once() {
-        let found = problems("[health]\ninterval_ms = 0\ntimeout_ms = 0\n[routes.x]\nprefix = \"/x\"\nservice = \"nope\"");
+        let found =
+            problems("[health]\ninterval_ms = 0\ntimeout_ms = 0\n[routes.x]\nprefix = \"/x\"\nservice = \"nope\"");
         assert_eq!(found.len(), 3, "{found:?}");
     }
 
     #[test]
     fn unknown_keys_are_errors_that_name_the_key() {
         let found = problems("[server]\nlistn = \"127.0.0.1:1\"");
-        assert!(
-            found[0].starts_with("server.listn: unknown field `listn`"),
-            "{found:?}"
-        );
+        assert!(found[0].starts_with("server.listn: unknown field `listn`"), "{found:?}");
         let found = problems("[routes.users.extra]\nx = 1");
         assert!(found[0].contains("unknown field `extra`"), "{found:?}");
     }
@@ -923,9 +865,7 @@ service = "user"
     fn auth_routes_need_a_long_enough_secret() {
         let found = problems("auth = true");
         assert!(
-            found
-                .iter()
-                .any(|l| l.starts_with("auth.jwt_secret: routes need auth")),
+            found.iter().any(|l| l.starts_with("auth.jwt_secret: routes need auth")),
             "{found:?}"
         );
         let found = problems("auth = true\n[auth]\njwt_secret = \"short\"");
@@ -936,17 +876,10 @@ service = "user"
             "{found:?}"
         );
         let found = problems("auth = true\n[auth]\nalgorithms = [\"RS256\"]");
+        assert!(found.iter().any(|l| l.starts_with("auth.public_key_pem:")), "{found:?}");
+        let found = problems("auth = true\n[auth]\nalgorithms = [\"RS256\"]\npublic_key_pem = \"/nonexistent.pem\"");
         assert!(
-            found.iter().any(|l| l.starts_with("auth.public_key_pem:")),
-            "{found:?}"
-        );
-        let found = problems(
-            "auth = true\n[auth]\nalgorithms = [\"RS256\"]\npublic_key_pem = \"/nonexistent.pem\"",
-        );
-        assert!(
-            found
-                .iter()
-                .any(|l| l.starts_with("auth.public_key_pem: cannot read")),
+            found.iter().any(|l| l.starts_with("auth.public_key_pem: cannot read")),
             "{found:?}"
         );
     }
@@ -961,8 +894,7 @@ service = "user"
         assert!(!printed.contains("0123456789abcdef"), "{printed}");
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(
-            printed.contains("redis://:%3Credacted%3E@127.0.0.1:6379/0")
-                || printed.contains("<redacted>"),
+            printed.contains("redis://:%3Credacted%3E@127.0.0.1:6379/0") || printed.contains("<redacted>"),
             "{printed}"
         );
         assert!(!format!("{settings:?}").contains("hunter2"));

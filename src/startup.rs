@@ -58,33 +58,27 @@ impl Application {
     /// Binds, starts the registry and health checker on the current arbiter,
     /// and prepares the workers. Must be called inside an actix `System`.
     pub fn build(settings: &Settings) -> Result<Self, StartupError> {
-        let listener =
-            TcpListener::bind(settings.server.listen).map_err(|source| StartupError::Bind {
-                address: settings.server.listen,
-                source,
-            })?;
+        let listener = TcpListener::bind(settings.server.listen).map_err(|source| StartupError::Bind {
+            address: settings.server.listen,
+            source,
+        })?;
         let address = listener.local_addr()?;
         let gateway = Arc::new(Gateway::from_settings(settings).map_err(StartupError::Config)?);
         // Keys are parsed once, and only when a route needs them.
         let verifier = if gateway.routes.routes().iter().any(|route| route.auth) {
             Some(Arc::new(
-                Verifier::new(&settings.auth)
-                    .map_err(|err| StartupError::Config(err.to_string()))?,
+                Verifier::new(&settings.auth).map_err(|err| StartupError::Config(err.to_string()))?,
             ))
         } else {
             None
         };
 
-        let passive = Arc::new(PassiveFailures::new(
-            &gateway,
-            settings.health.passive_failures,
-        ));
+        let passive = Arc::new(PassiveFailures::new(&gateway, settings.health.passive_failures));
         let registry = RegistryActor::new(&gateway, &settings.health, passive.clone()).start();
         HealthChecker::new(&gateway, &settings.health, registry.clone()).start();
 
         let cursors = shared_cursors(gateway.services.len());
-        let instance_counts: Vec<usize> =
-            gateway.services.iter().map(|s| s.instances.len()).collect();
+        let instance_counts: Vec<usize> = gateway.services.iter().map(|s| s.instances.len()).collect();
         let upstream = settings.upstream.clone();
         let rate_limit = settings.rate_limit.clone();
         let shared_limits = SharedLimits::new(gateway.policies.clone());
@@ -111,18 +105,12 @@ impl Application {
                 registry: registry.clone(),
                 passive: passive.clone(),
             };
-            let limiter = Rc::new(
-                RateLimiter::new(&rate_limit, &shared_limits)
-                    .expect("checked before the workers start"),
-            );
+            let limiter =
+                Rc::new(RateLimiter::new(&rate_limit, &shared_limits).expect("checked before the workers start"));
             App::new()
                 .app_data(web::Data::new(context))
                 .default_service(web::to(dispatch))
-                .wrap(RateLimit::new(
-                    Stage::User,
-                    gateway.clone(),
-                    limiter.clone(),
-                ))
+                .wrap(RateLimit::new(Stage::User, gateway.clone(), limiter.clone()))
                 .wrap(Authentication::new(verifier.clone()))
                 .wrap(RateLimit::new(Stage::Address, gateway.clone(), limiter))
                 .wrap(RouteMatcher::new(gateway.clone()))
@@ -132,9 +120,7 @@ impl Application {
         })
         .disable_signals()
         .shutdown_timeout(settings.server.shutdown_timeout_s)
-        .client_request_timeout(Duration::from_millis(
-            settings.server.client_request_timeout_ms,
-        ));
+        .client_request_timeout(Duration::from_millis(settings.server.client_request_timeout_ms));
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);
         }
@@ -177,20 +163,17 @@ async fn dispatch(
     context: web::Data<WorkerContext>,
 ) -> Result<HttpResponse, GatewayError> {
     // Cloned, not taken: the request log and metrics read it afterwards.
-    let routed =
-        req.extensions().get::<Routed>().cloned().ok_or_else(|| {
-            GatewayError::Internal("request reached dispatch unrouted".to_owned())
-        })?;
+    let routed = req
+        .extensions()
+        .get::<Routed>()
+        .cloned()
+        .ok_or_else(|| GatewayError::Internal("request reached dispatch unrouted".to_owned()))?;
     match &routed.target {
         Target::Health => endpoints::health(req.method(), &context).await,
         Target::Metrics => endpoints::metrics(req.method()).await,
         Target::NotFound => Err(GatewayError::NotFound),
-        Target::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed {
-            allow: allow.clone(),
-        }),
-        Target::Route(route) => {
-            proxy::forward(&req, payload, route, routed.path(req.path()), &context).await
-        }
+        Target::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed { allow: allow.clone() }),
+        Target::Route(route) => proxy::forward(&req, payload, route, routed.path(req.path()), &context).await,
     }
 }
 
@@ -198,9 +181,7 @@ async fn dispatch(
 /// `server.shutdown_timeout_s`.
 pub async fn run(settings: Settings) -> Result<(), StartupError> {
     if settings.uses_dev_secret() {
-        tracing::warn!(
-            "auth.jwt_secret is the shipped development secret: never use it in production"
-        );
+        tracing::warn!("auth.jwt_secret is the shipped development secret: never use it in production");
     }
     let application = Application::build(&settings)?;
     let handle = application.handle();

@@ -24,17 +24,12 @@ pub fn init() {
         .or_else(|| std::env::var("RUST_LOG").ok())
         .and_then(|directives| EnvFilter::try_new(directives).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let json = std::env::var("GATEHOUSE_LOG_FORMAT")
-        .is_ok_and(|format| format.eq_ignore_ascii_case("json"));
+    let json = std::env::var("GATEHOUSE_LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = if json {
-        builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init()
+        builder.json().with_current_span(true).with_span_list(false).try_init()
     } else {
         builder.try_init()
     };
@@ -46,10 +41,7 @@ pub struct GatewayRootSpan;
 impl RootSpanBuilder for GatewayRootSpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
         let extensions = request.extensions();
-        let request_id = extensions
-            .get::<RequestId>()
-            .map(RequestId::as_str)
-            .unwrap_or("");
+        let request_id = extensions.get::<RequestId>().map(RequestId::as_str).unwrap_or("");
         tracing::info_span!(
             "request",
             request_id = %request_id,
@@ -77,17 +69,8 @@ impl RootSpanBuilder for GatewayRootSpan {
                     _ => "-",
                 };
                 let status = response.status().as_u16();
-                crate::metrics::request_completed(
-                    route,
-                    request.method().as_str(),
-                    status,
-                    elapsed,
-                );
-                tracing::info!(
-                    status,
-                    latency_ms = elapsed.as_secs_f64() * 1000.0,
-                    "request completed"
-                );
+                crate::metrics::request_completed(route, request.method().as_str(), status, elapsed);
+                tracing::info!(status, latency_ms = elapsed.as_secs_f64() * 1000.0, "request completed");
             }
             Err(error) => tracing::error!(%error, "request failed"),
         }

@@ -47,10 +47,7 @@ impl BalancerActor {
     /// `instance_counts[s]` instances of service `s`, all healthy until the
     /// registry says otherwise (instances start healthy, SPEC §5).
     pub fn new(instance_counts: &[usize], cursors: SharedCursors) -> Self {
-        let healthy = instance_counts
-            .iter()
-            .map(|&count| (0..count).collect())
-            .collect();
+        let healthy = instance_counts.iter().map(|&count| (0..count).collect()).collect();
         Self { healthy, cursors }
     }
 }
@@ -80,11 +77,7 @@ impl Handler<HealthySetChanged> for BalancerActor {
 }
 
 /// The next instance in rotation, skipping `exclude` when another is healthy.
-pub fn pick_round_robin(
-    healthy: &[usize],
-    cursor: &AtomicUsize,
-    exclude: Option<usize>,
-) -> Option<usize> {
+pub fn pick_round_robin(healthy: &[usize], cursor: &AtomicUsize, exclude: Option<usize>) -> Option<usize> {
     let count = healthy.len();
     if count == 0 {
         return None;

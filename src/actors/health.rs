@@ -48,10 +48,7 @@ impl HealthChecker {
                         instance: instance_index,
                         url: format!(
                             "{}://{}{}{}",
-                            instance.scheme,
-                            instance.authority,
-                            instance.base_path,
-                            service.health_path
+                            instance.scheme, instance.authority, instance.base_path, service.health_path
                         ),
                     })
             })

@@ -88,18 +88,9 @@ impl PassiveFailures {
         let counters = gateway
             .services
             .iter()
-            .map(|service| {
-                service
-                    .instances
-                    .iter()
-                    .map(|_| AtomicU32::new(0))
-                    .collect()
-            })
+            .map(|service| service.instances.iter().map(|_| AtomicU32::new(0)).collect())
             .collect();
-        Self {
-            counters,
-            threshold,
-        }
+        Self { counters, threshold }
     }
 
     /// True exactly once per streak: when this failure reaches the threshold.
@@ -359,11 +350,7 @@ impl Handler<GetHealthReport> for RegistryActor {
                 service.name.clone(),
                 ServiceReport {
                     status: if any_healthy { "healthy" } else { "unhealthy" },
-                    instances: service
-                        .instances
-                        .iter()
-                        .map(InstanceHealth::report)
-                        .collect(),
+                    instances: service.instances.iter().map(InstanceHealth::report).collect(),
                 },
             );
         }
@@ -391,15 +378,9 @@ mod tests {
     fn health_flips_only_after_consecutive_results() {
         let mut instance = InstanceHealth::new("http://127.0.0.1:1".into());
         let fail = Err("refused".to_owned());
-        assert!(
-            !instance.record_probe(&fail, THRESHOLDS),
-            "one failure is not enough"
-        );
+        assert!(!instance.record_probe(&fail, THRESHOLDS), "one failure is not enough");
         assert!(instance.healthy);
-        assert!(
-            !instance.record_probe(&Ok(()), THRESHOLDS),
-            "a pass resets the streak"
-        );
+        assert!(!instance.record_probe(&Ok(()), THRESHOLDS), "a pass resets the streak");
         assert!(!instance.record_probe(&fail, THRESHOLDS));
         assert!(
             instance.record_probe(&fail, THRESHOLDS),
@@ -410,10 +391,7 @@ mod tests {
         assert_eq!(instance.error.as_deref(), Some("refused"));
         assert!(!instance.record_probe(&Ok(()), THRESHOLDS));
         assert!(!instance.record_probe(&Ok(()), THRESHOLDS));
-        assert!(
-            instance.record_probe(&Ok(()), THRESHOLDS),
-            "third pass flips back"
-        );
+        assert!(instance.record_probe(&Ok(()), THRESHOLDS), "third pass flips back");
         assert!(instance.healthy);
         assert_eq!(instance.error, None);
     }
@@ -423,10 +401,7 @@ mod tests {
         let mut instance = InstanceHealth::new("http://127.0.0.1:1".into());
         assert!(instance.record_passive_failure("connect".into()));
         assert!(!instance.healthy);
-        assert!(
-            !instance.record_passive_failure("connect".into()),
-            "already unhealthy"
-        );
+        assert!(!instance.record_passive_failure("connect".into()), "already unhealthy");
         let one = Thresholds {
             unhealthy: 2,
             healthy: 1,

@@ -30,14 +30,10 @@ pub fn bearer_token(value: &HeaderValue) -> Option<Bearer> {
     let text = value.to_str().ok()?.trim();
     let (scheme, token) = text.split_once(' ')?;
     let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty())
-        .then(|| Bearer::new(token.to_owned()))
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Bearer::new(token.to_owned()))
 }
 
-fn authenticate(
-    req: &ServiceRequest,
-    verifier: &Verifier,
-) -> Result<Option<Identity>, GatewayError> {
+fn authenticate(req: &ServiceRequest, verifier: &Verifier) -> Result<Option<Identity>, GatewayError> {
     let extensions = req.extensions();
     let Some(route) = extensions.get::<Routed>().and_then(Routed::route) else {
         return Ok(None);

@@ -82,10 +82,7 @@ fn client_key(req: &ServiceRequest, gateway: &Gateway, stage: Stage) -> String {
 }
 
 fn set_headers(headers: &mut HeaderMap, state: PolicyState, limiter: &RateLimiter) {
-    headers.insert(
-        RATELIMIT_POLICY,
-        limiter.policy(state.policy).header.clone(),
-    );
+    headers.insert(RATELIMIT_POLICY, limiter.policy(state.policy).header.clone());
     headers.insert(RATELIMIT_LIMIT, HeaderValue::from(state.limit));
     headers.insert(RATELIMIT_REMAINING, HeaderValue::from(state.remaining));
     headers.insert(RATELIMIT_RESET, HeaderValue::from(state.reset_s));
@@ -178,8 +175,7 @@ where
             if let Some(verdict) = &verdict {
                 let seen = req.extensions().get::<LimitState>().copied();
                 if let Some(state) = verdict.most_restrictive() {
-                    let merged =
-                        seen.map_or(state, |LimitState(earlier)| earlier.more_restrictive(state));
+                    let merged = seen.map_or(state, |LimitState(earlier)| earlier.more_restrictive(state));
                     req.extensions_mut().insert(LimitState(merged));
                 }
                 if let (false, Some(refusing)) = (verdict.admitted, verdict.refusing()) {

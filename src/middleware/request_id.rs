@@ -95,11 +95,8 @@ where
                 Err(error) => {
                     tracing::error!(request_id = %id.to_str().unwrap_or(""), error = %error, "unhandled error in the pipeline");
                     let internal = crate::error::GatewayError::Internal(error.to_string());
-                    ServiceResponse::new(
-                        http_request,
-                        actix_web::ResponseError::error_response(&internal),
-                    )
-                    .map_into_right_body()
+                    ServiceResponse::new(http_request, actix_web::ResponseError::error_response(&internal))
+                        .map_into_right_body()
                 }
             };
             response.headers_mut().insert(X_REQUEST_ID, id);

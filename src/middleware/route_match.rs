@@ -55,9 +55,7 @@ impl Routed {
 fn head_size(req: &ServiceRequest) -> usize {
     let uri = req.uri();
     let target = uri.scheme_str().map_or(0, |scheme| scheme.len() + 3)
-        + uri
-            .authority()
-            .map_or(0, |authority| authority.as_str().len())
+        + uri.authority().map_or(0, |authority| authority.as_str().len())
         + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
     let request_line = req.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len();
     let headers: usize = req

@@ -34,12 +34,7 @@ const SECURITY_HEADERS: [(&str, &str); 12] = [
 fn security_headers() -> Vec<(HeaderName, HeaderValue)> {
     SECURITY_HEADERS
         .iter()
-        .map(|(name, value)| {
-            (
-                HeaderName::from_static(name),
-                HeaderValue::from_static(value),
-            )
-        })
+        .map(|(name, value)| (HeaderName::from_static(name), HeaderValue::from_static(value)))
         .collect()
 }
 

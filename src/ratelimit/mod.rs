@@ -44,8 +44,7 @@ impl Policy {
             max,
             key,
             message: message.to_owned(),
-            header: HeaderValue::from_str(&format!("{max};w={window_s}"))
-                .expect("digits are a valid header value"),
+            header: HeaderValue::from_str(&format!("{max};w={window_s}")).expect("digits are a valid header value"),
         }
     }
 
@@ -87,10 +86,7 @@ pub struct Verdict {
 impl Verdict {
     /// The state whose headers the response carries.
     pub fn most_restrictive(&self) -> Option<PolicyState> {
-        self.states
-            .iter()
-            .copied()
-            .reduce(PolicyState::more_restrictive)
+        self.states.iter().copied().reduce(PolicyState::more_restrictive)
     }
 
     /// The policy that refused the request: the most restrictive one at 0.
@@ -195,15 +191,8 @@ impl RateLimiter {
     /// Counts one request of `client` against `policies` (indices), all or
     /// nothing. `Ok(None)` means the request is admitted without counting
     /// (`on_backend_error = "allow"` during an outage).
-    pub async fn check(
-        &self,
-        client: &str,
-        policies: &[usize],
-    ) -> Result<Option<Verdict>, GatewayError> {
-        let selected: Vec<(usize, &Policy)> = policies
-            .iter()
-            .map(|&index| (index, &self.policies[index]))
-            .collect();
+    pub async fn check(&self, client: &str, policies: &[usize]) -> Result<Option<Verdict>, GatewayError> {
+        let selected: Vec<(usize, &Policy)> = policies.iter().map(|&index| (index, &self.policies[index])).collect();
         let redis = match &self.store {
             Store::Memory => return Ok(Some(self.local.check(client, &selected))),
             Store::Redis(redis) => redis,

@@ -93,22 +93,14 @@ impl RedisStore {
         })
     }
 
-    pub async fn check(
-        &self,
-        client: &str,
-        policies: &[(usize, &Policy)],
-    ) -> Result<Verdict, RedisError> {
+    pub async fn check(&self, client: &str, policies: &[(usize, &Policy)]) -> Result<Verdict, RedisError> {
         match actix_rt::time::timeout(self.timeout, self.run_script(client, policies)).await {
             Ok(result) => result,
             Err(_) => Err(RedisError::Timeout(self.timeout)),
         }
     }
 
-    async fn run_script(
-        &self,
-        client: &str,
-        policies: &[(usize, &Policy)],
-    ) -> Result<Verdict, RedisError> {
+    async fn run_script(&self, client: &str, policies: &[(usize, &Policy)]) -> Result<Verdict, RedisError> {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(uuid::Uuid::new_v4().simple().to_string());
         for (_, policy) in policies {
@@ -125,19 +117,13 @@ impl RedisStore {
         }
         let admitted = head[0] == 1;
         let now_us = head[1].max(0) as u64;
-        let counts: Vec<u64> = per_policy
-            .iter()
-            .step_by(2)
-            .map(|&count| count.max(0) as u64)
-            .collect();
+        let counts: Vec<u64> = per_policy.iter().step_by(2).map(|&count| count.max(0) as u64).collect();
         let oldest: Vec<u64> = per_policy
             .iter()
             .skip(1)
             .step_by(2)
             .map(|&at| at.max(0) as u64)
             .collect();
-        Ok(verdict_from_counts(
-            policies, admitted, now_us, &counts, &oldest,
-        ))
+        Ok(verdict_from_counts(policies, admitted, now_us, &counts, &oldest))
     }
 }
