@@ -9,18 +9,12 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
 async fn echo(req: HttpRequest, body: web::Bytes, name: web::Data<String>) -> HttpResponse {
     if req.path() == "/health" {
-        return HttpResponse::Ok()
-            .json(serde_json::json!({ "status": "ok", "service": name.as_str() }));
+        return HttpResponse::Ok().json(serde_json::json!({ "status": "ok", "service": name.as_str() }));
     }
     let headers: BTreeMap<String, String> = req
         .headers()
         .iter()
-        .map(|(name, value)| {
-            (
-                name.to_string(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            )
-        })
+        .map(|(name, value)| (name.to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
         .collect();
     HttpResponse::Ok().json(serde_json::json!({
         "service": name.as_str(),

@@ -36,8 +36,11 @@ pub enum TokenError {
     AlgorithmNotAccepted(Algorithm),
     #[error("{0}")]
     Jwt(#[from] jsonwebtoken::errors::Error),
-    #[error("claim `sub` must be a string")]
+    #[error("claim `sub` must be a non-empty string")]
     MissingSubject,
+    /// A control character could not travel in an `X-User-*` header.
+    #[error("claim `{0}` holds a control character")]
+    ControlCharacter(&'static str),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,8 @@ pub enum KeyError {
         family: &'static str,
         source: jsonwebtoken::errors::Error,
     },
+    #[error("auth.public_key_pem: {path:?} holds no PEM public key (expected BEGIN PUBLIC KEY)")]
+    NotPublic { path: String },
     #[error("auth.public_key_pem: one key cannot serve {0}")]
     MixedFamilies(String),
     #[error("auth.jwt_secret: required for {0:?}")]
@@ -137,7 +142,7 @@ impl Verifier {
             Some(Value::String(sub)) if !sub.is_empty() => sub.clone(),
             _ => return Err(TokenError::MissingSubject),
         };
-        let roles = match claims.get(&self.roles_claim) {
+        let roles: Vec<String> = match claims.get(&self.roles_claim) {
             Some(Value::String(role)) => vec![role.clone()],
             Some(Value::Array(items)) => items
                 .iter()
@@ -145,6 +150,14 @@ impl Verifier {
                 .collect(),
             _ => Vec::new(),
         };
+        // The identity goes upstream as header values: refuse what could not
+        // be sent rather than forward a request without it.
+        if subject.chars().any(char::is_control) {
+            return Err(TokenError::ControlCharacter("sub"));
+        }
+        if roles.iter().any(|role| role.chars().any(char::is_control)) {
+            return Err(TokenError::ControlCharacter("roles"));
+        }
         Ok(Identity { subject, roles })
     }
 }
@@ -154,6 +167,11 @@ fn read_public_key(path: &str, family: &'static str) -> Result<DecodingKey, KeyE
         path: path.to_owned(),
         source,
     })?;
+    // jsonwebtoken would also accept a private key here; the gateway only
+    // ever needs, and should only ever hold, the public half.
+    if !String::from_utf8_lossy(&pem).contains("PUBLIC KEY-----") {
+        return Err(KeyError::NotPublic { path: path.to_owned() });
+    }
     let parsed = match family {
         "RSA" => DecodingKey::from_rsa_pem(&pem),
         "EC" => DecodingKey::from_ec_pem(&pem),

@@ -338,10 +338,12 @@ fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
         headers.insert(X_REQUEST_ID, id.value.clone());
     }
     if let Some(identity) = req.extensions().get::<Identity>() {
-        if let Ok(value) = HeaderValue::from_str(&identity.subject) {
+        // The verifier refused control characters, so these always build;
+        // UTF-8 beyond ASCII travels as obs-text.
+        if let Ok(value) = HeaderValue::from_bytes(identity.subject.as_bytes()) {
             headers.insert(X_USER_ID, value);
         }
-        if let Ok(value) = HeaderValue::from_str(&identity.roles.join(",")) {
+        if let Ok(value) = HeaderValue::from_bytes(identity.roles.join(",").as_bytes()) {
             headers.insert(X_USER_ROLES, value);
         }
     }

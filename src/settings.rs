@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ipnet::IpNet;
 use jsonwebtoken::Algorithm;
@@ -616,20 +616,21 @@ impl Settings {
                 algorithm_names(auth.algorithms.iter().filter(|alg| is_hmac(**alg)))
             ));
         }
-        if has_public {
-            if auth.public_key_pem.is_empty() {
-                problems.push(format!(
-                    "auth.public_key_pem: routes need auth with {} but no public key file is set",
-                    algorithm_names(auth.algorithms.iter().filter(|alg| !is_hmac(**alg)))
-                ));
-            } else if let Err(err) = std::fs::metadata(Path::new(&auth.public_key_pem))
-                .and_then(|_| std::fs::File::open(&auth.public_key_pem).map(|_| ()))
-            {
-                problems.push(format!(
-                    "auth.public_key_pem: cannot read {:?}: {err}",
-                    auth.public_key_pem
-                ));
-            }
+        if has_public && auth.public_key_pem.is_empty() {
+            problems.push(format!(
+                "auth.public_key_pem: routes need auth with {} but no public key file is set",
+                algorithm_names(auth.algorithms.iter().filter(|alg| !is_hmac(**alg)))
+            ));
+        }
+        // Load the keys exactly as start-up will, so `check-config` refuses
+        // what `serve` would (unreadable, not PEM, wrong family, private key).
+        let key_error = if problems.is_empty() {
+            crate::auth::Verifier::new(auth).err()
+        } else {
+            None
+        };
+        if let Some(err) = key_error {
+            problems.push(err.to_string());
         }
         problems
     }

@@ -120,7 +120,7 @@ impl Application {
         })
         .disable_signals()
         .shutdown_timeout(settings.server.shutdown_timeout_s)
-        .client_request_timeout(Duration::from_millis(settings.server.client_request_timeout_ms));
+        .client_request_timeout(head_timeout(settings.server.client_request_timeout_ms));
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);
         }
@@ -140,6 +140,16 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
     }
+}
+
+/// actix-http computes the head deadline from a clock it refreshes only every
+/// 500 ms, so a deadline of `configured` could land up to 500 ms early (and,
+/// under 500 ms, already in the past, which answers complete requests with 408
+/// and never times out silent ones). Adding the clock's period makes the
+/// effective timeout lie between `configured` and `configured + 500 ms`.
+fn head_timeout(configured_ms: u64) -> Duration {
+    const ACTIX_CLOCK_PERIOD_MS: u64 = 500;
+    Duration::from_millis(configured_ms + ACTIX_CLOCK_PERIOD_MS)
 }
 
 fn upstream_client(upstream: &settings::UpstreamSettings) -> awc::Client {

@@ -76,18 +76,20 @@ impl Handler<HealthySetChanged> for BalancerActor {
     }
 }
 
-/// The next instance in rotation, skipping `exclude` when another is healthy.
+/// The next instance in rotation. With `exclude` (the retry after a failed
+/// attempt) it is the healthy instance after the excluded one, taken without
+/// advancing the shared cursor, so a failing instance does not also push the
+/// rotation and end up first in line for every request.
 pub fn pick_round_robin(healthy: &[usize], cursor: &AtomicUsize, exclude: Option<usize>) -> Option<usize> {
     let count = healthy.len();
     if count == 0 {
         return None;
     }
-    let ticket = cursor.fetch_add(1, Ordering::Relaxed);
-    let choice = healthy[ticket % count];
-    if Some(choice) != exclude {
-        return Some(choice);
+    if let Some(position) = exclude.and_then(|excluded| healthy.iter().position(|&index| index == excluded)) {
+        return (count > 1).then(|| healthy[(position + 1) % count]);
     }
-    (count > 1).then(|| healthy[(ticket + 1) % count])
+    let ticket = cursor.fetch_add(1, Ordering::Relaxed);
+    Some(healthy[ticket % count])
 }
 
 #[cfg(test)]
@@ -116,10 +118,30 @@ mod tests {
     }
 
     #[test]
-    fn exclusion_moves_to_another_instance() {
+    fn exclusion_moves_to_the_next_instance_without_advancing_the_rotation() {
         let cursor = AtomicUsize::new(0);
-        assert_eq!(pick_round_robin(&[0, 1], &cursor, Some(0)), Some(1));
+        assert_eq!(pick_round_robin(&[0, 1, 2], &cursor, Some(1)), Some(2));
+        assert_eq!(pick_round_robin(&[0, 1, 2], &cursor, Some(2)), Some(0));
         assert_eq!(pick_round_robin(&[3], &cursor, Some(3)), None);
-        assert_eq!(pick_round_robin(&[3], &cursor, Some(1)), Some(3));
+        assert_eq!(cursor.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            pick_round_robin(&[3], &cursor, Some(1)),
+            Some(3),
+            "an excluded unhealthy instance is no obstacle"
+        );
+    }
+
+    #[test]
+    fn a_failing_instance_is_first_only_for_its_share_of_requests() {
+        let cursor = AtomicUsize::new(0);
+        let mut first_tries_of_failing = 0;
+        for _ in 0..10 {
+            let first = pick_round_robin(&[0, 1], &cursor, None).unwrap();
+            if first == 0 {
+                first_tries_of_failing += 1;
+                assert_eq!(pick_round_robin(&[0, 1], &cursor, Some(0)), Some(1));
+            }
+        }
+        assert_eq!(first_tries_of_failing, 5);
     }
 }

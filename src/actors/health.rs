@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::{Actor, ActorFutureExt, Addr, AsyncContext, Context, WrapFuture};
-use futures_util::future::join_all;
 use futures_util::StreamExt;
 
 use super::registry::{RegistryActor, ReportProbe};
@@ -20,6 +19,8 @@ struct ProbeTarget {
     service: usize,
     instance: usize,
     url: String,
+    /// A probe still running is not started again.
+    in_flight: bool,
 }
 
 pub struct HealthChecker {
@@ -28,8 +29,6 @@ pub struct HealthChecker {
     interval: Duration,
     timeout: Duration,
     client: awc::Client,
-    /// A slow round is never overlapped by the next one.
-    round_in_flight: bool,
 }
 
 impl HealthChecker {
@@ -50,6 +49,7 @@ impl HealthChecker {
                             "{}://{}{}{}",
                             instance.scheme, instance.authority, instance.base_path, service.health_path
                         ),
+                        in_flight: false,
                     })
             })
             .collect();
@@ -65,19 +65,22 @@ impl HealthChecker {
             interval: Duration::from_millis(health.interval_ms),
             timeout,
             client,
-            round_in_flight: false,
         }
     }
 
+    /// Starts a probe of every instance whose previous probe has finished;
+    /// each result goes to the registry as soon as it is known, so a hanging
+    /// instance never delays the verdict on the others.
     fn probe_all(&mut self, ctx: &mut Context<Self>) {
-        if self.round_in_flight {
-            return;
-        }
-        self.round_in_flight = true;
-        let probes = self.targets.iter().map(|target| {
+        for index in 0..self.targets.len() {
+            let target = &mut self.targets[index];
+            if target.in_flight {
+                continue;
+            }
+            target.in_flight = true;
             let request = self.client.get(&target.url).timeout(self.timeout);
             let (service, instance, timeout) = (target.service, target.instance, self.timeout);
-            async move {
+            let probe = async move {
                 let checked_at = SystemTime::now();
                 let started = Instant::now();
                 // The whole probe, body included, is bounded by the timeout.
@@ -91,15 +94,12 @@ impl HealthChecker {
                     elapsed: started.elapsed(),
                     outcome,
                 }
-            }
-        });
-        let round = join_all(probes.collect::<Vec<_>>());
-        ctx.spawn(round.into_actor(self).map(|reports, checker, _| {
-            checker.round_in_flight = false;
-            for report in reports {
+            };
+            ctx.spawn(probe.into_actor(self).map(move |report, checker, _| {
+                checker.targets[index].in_flight = false;
                 checker.registry.do_send(report);
-            }
-        }));
+            }));
+        }
     }
 }
 

@@ -96,7 +96,7 @@ impl MemoryStore {
 
     fn check_at(&self, client: &str, policies: &[(usize, &Policy)], now_us: u64) -> Verdict {
         let decision = self.decisions.fetch_add(1, Ordering::Relaxed) + 1;
-        if decision % SWEEP_EVERY == 0 {
+        if decision.is_multiple_of(SWEEP_EVERY) {
             let next = (decision / SWEEP_EVERY) as usize % SHARDS;
             lock(&self.shards[next]).sweep(now_us);
         }

@@ -157,23 +157,15 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-fn pattern_stream(
-    len: usize,
-) -> impl futures_util::Stream<Item = Result<web::Bytes, actix_web::Error>> {
+fn pattern_stream(len: usize) -> impl futures_util::Stream<Item = Result<web::Bytes, actix_web::Error>> {
     const CHUNK: usize = 64 * 1024;
     futures_util::stream::iter((0..len).step_by(CHUNK).map(move |start| {
         let end = (start + CHUNK).min(len);
-        Ok(web::Bytes::from(
-            (start..end).map(pattern_byte).collect::<Vec<u8>>(),
-        ))
+        Ok(web::Bytes::from((start..end).map(pattern_byte).collect::<Vec<u8>>()))
     }))
 }
 
-async fn upstream_handler(
-    req: HttpRequest,
-    mut payload: web::Payload,
-    data: UpstreamData,
-) -> HttpResponse {
+async fn upstream_handler(req: HttpRequest, mut payload: web::Payload, data: UpstreamData) -> HttpResponse {
     let (name, state) = (&data.0, &data.1);
     let path = req.path().to_owned();
     if path == "/health" {
@@ -218,9 +210,7 @@ async fn upstream_handler(
     match (parent, last) {
         ("download", n) => {
             let len: usize = n.parse().unwrap_or(0);
-            response
-                .no_chunking(len as u64)
-                .streaming(pattern_stream(len))
+            response.no_chunking(len as u64).streaming(pattern_stream(len))
         }
         ("chunked", n) => {
             let len: usize = n.parse().unwrap_or(0);
@@ -321,9 +311,7 @@ impl TestGateway {
         std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
                 let application = Application::build(&settings).expect("gateway starts");
-                sender
-                    .send((application.address(), application.handle()))
-                    .unwrap();
+                sender.send((application.address(), application.handle())).unwrap();
                 let _ = application.run_until_stopped().await;
             });
         });
@@ -366,12 +354,8 @@ impl Reply {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
-            panic!(
-                "body is not JSON ({err}): {:?}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|err| panic!("body is not JSON ({err}): {:?}", String::from_utf8_lossy(&self.body)))
     }
 
     pub fn text(&self) -> String {
@@ -391,11 +375,7 @@ pub async fn read_reply(
         .limit(256 * 1024 * 1024)
         .await
         .expect("reading the body");
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    Reply { status, headers, body }
 }
 
 /// `GET url`, read whole.
@@ -454,9 +434,7 @@ impl GatewayProcess {
             listener.local_addr().unwrap().port()
         };
         let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let dir = settings_dir(&format!(
-            "[server]\nlisten = \"{address}\"\nworkers = 1\n{toml}"
-        ));
+        let dir = settings_dir(&format!("[server]\nlisten = \"{address}\"\nworkers = 1\n{toml}"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
         command
             .env("GATEHOUSE_SETTINGS_DIR", dir.path())
@@ -475,10 +453,7 @@ impl GatewayProcess {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(address).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "gatehouse did not start listening"
-            );
+            assert!(Instant::now() < deadline, "gatehouse did not start listening");
             std::thread::sleep(Duration::from_millis(20));
         }
         process

@@ -1,4 +1,9 @@
 //! Integration tests: real upstreams, the real gateway, real sockets.
 
+mod auth;
+mod balancing;
+mod forwarding;
+mod framing;
 mod helpers;
+mod process;
 mod routing;

@@ -40,15 +40,8 @@ async fn the_longest_matching_prefix_wins_on_segment_boundaries() {
     assert_eq!(reply.header("x-upstream-instance"), Some("users"));
     assert_eq!(users.last_seen().target, "/api/users/7?x=1");
 
-    let reply = client()
-        .post(gateway.url("/api/users/admin/1"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        read_reply(reply).await.header("x-upstream-instance"),
-        Some("other")
-    );
+    let reply = client().post(gateway.url("/api/users/admin/1")).send().await.unwrap();
+    assert_eq!(read_reply(reply).await.header("x-upstream-instance"), Some("other"));
 
     let reply = get(&gateway.url("/api/users/admin/1")).await;
     assert_eq!(
@@ -93,14 +86,7 @@ methods = ["GET", "HEAD"]
 "#,
         instances(&[&users])
     ));
-    let reply = read_reply(
-        client()
-            .delete(gateway.url("/reports/1"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let reply = read_reply(client().delete(gateway.url("/reports/1")).send().await.unwrap()).await;
     assert_eq!(reply.status, 405);
     assert_eq!(reply.text(), r#"{"error":"Method not allowed"}"#);
     assert_eq!(reply.header("allow"), Some("GET, HEAD"));

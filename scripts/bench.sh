@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# Benchmarks gatehouse against a direct upstream and a tuned nginx reverse
+# proxy, side by side, in one run, on loopback.
+#
+#   scripts/bench.sh [ROUNDS] [SECONDS]      (defaults: 5 rounds of 10 s)
+#
+# The system under test (nginx proxy or gatehouse, one worker each) is pinned
+# to CPU 0; wrk, the two upstream nginx instances and Redis to the other CPUs.
+# Each round runs every scenario once (A B C … A B C …); the table reports
+# medians. CPU per request is the proxy's utime+stime from /proc/<pid>/stat
+# over the run, divided by the requests wrk completed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${1:-5}
+DURATION=${2:-10}
+WARMUP=2
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need nginx || ! need redis-server; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx redis-server
+fi
+
+CPUS=$(nproc)
+PROXY_CPU=0
+LOAD_CPUS=$([ "$CPUS" -gt 1 ] && echo "1-$((CPUS - 1))" || echo 0)
+
+cargo build --release --quiet --bin gatehouse
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for conf in "$WORK"/nginx-*.conf; do
+    [ -f "$conf" ] && nginx -c "$conf" -p "$WORK" -s stop 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_port() { for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+UP1=$(free_port); UP2=$(free_port); NGINX_PROXY=$(free_port); REDIS=$(free_port); GATEHOUSE=$(free_port)
+head -c 16384 /dev/zero | tr '\0' 'x' >"$WORK/16k.txt"
+chmod 755 "$WORK"; chmod 644 "$WORK/16k.txt"   # nginx workers run unprivileged
+mkdir -p "$WORK/logs"
+
+# Two fast upstreams: nginx answering a small JSON body (and a 16 KiB one).
+for port in $UP1 $UP2; do
+  cat >"$WORK/nginx-up-$port.conf" <<EOF
+worker_processes 1;
+pid $WORK/nginx-up-$port.pid;
+error_log $WORK/logs/up-$port.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$port backlog=4096;
+    location = /health { default_type application/json; return 200 '{"status":"ok"}'; }
+    location /big { default_type text/plain; alias $WORK/16k.txt; }
+    location / { default_type application/json; return 200 '{"id":42,"name":"widget","price":9.99}'; }
+  }
+}
+EOF
+  taskset -c "$LOAD_CPUS" nginx -c "$WORK/nginx-up-$port.conf" -p "$WORK"
+done
+
+# nginx as a tuned reverse proxy: one worker, keep-alive to the upstreams.
+cat >"$WORK/nginx-proxy.conf" <<EOF
+worker_processes 1;
+worker_cpu_affinity 1;
+pid $WORK/nginx-proxy.pid;
+error_log $WORK/logs/proxy.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$UP1; server 127.0.0.1:$UP2; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NGINX_PROXY backlog=4096;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$proxy_host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+}
+EOF
+taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx-proxy.conf" -p "$WORK"
+
+taskset -c "$LOAD_CPUS" redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
+PIDS+=($!)
+
+SECRET="bench-secret-0123456789abcdef0123456789"
+mkdir -p "$WORK/settings"
+cat >"$WORK/settings/default.toml" <<EOF
+[server]
+listen = "127.0.0.1:$GATEHOUSE"
+workers = 1
+[auth]
+jwt_secret = "$SECRET"
+[rate_limit]
+backend = "redis"
+redis_url = "redis://127.0.0.1:$REDIS"
+global = ""
+[rate_limit.policies.bench]
+window_s = 1
+max = 1000000000
+key = "user"
+[services.api]
+instances = ["http://127.0.0.1:$UP1", "http://127.0.0.1:$UP2"]
+[routes.public]
+prefix = "/public"
+service = "api"
+strip_prefix = true
+[routes.jwt]
+prefix = "/jwt"
+service = "api"
+auth = true
+strip_prefix = true
+[routes.limited]
+prefix = "/limited"
+service = "api"
+auth = true
+strip_prefix = true
+rate_limit = "bench"
+EOF
+GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench GATEHOUSE_LOG=${GATEHOUSE_LOG:-warn} \
+  taskset -c "$PROXY_CPU" ./target/release/gatehouse 2>"$WORK/logs/gatehouse.err" &
+GATEHOUSE_PID=$!
+PIDS+=($GATEHOUSE_PID)
+for port in $UP1 $UP2 $NGINX_PROXY $REDIS $GATEHOUSE; do wait_port "$port"; done
+NGINX_PID=$(pgrep -f "nginx: worker process" -P "$(cat "$WORK/nginx-proxy.pid")" | head -1)
+TOKEN=$(GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench ./target/release/gatehouse token --sub bench --ttl 86400)
+
+# name | url | pid to measure (empty: none) | extra wrk header
+SCENARIOS=(
+  "direct|http://127.0.0.1:$UP1/item||"
+  "nginx|http://127.0.0.1:$NGINX_PROXY/item|$NGINX_PID|"
+  "gatehouse public|http://127.0.0.1:$GATEHOUSE/public/item|$GATEHOUSE_PID|"
+  "gatehouse JWT|http://127.0.0.1:$GATEHOUSE/jwt/item|$GATEHOUSE_PID|Authorization: Bearer $TOKEN"
+  "gatehouse JWT+Redis limit|http://127.0.0.1:$GATEHOUSE/limited/item|$GATEHOUSE_PID|Authorization: Bearer $TOKEN"
+  "direct 16KiB|http://127.0.0.1:$UP1/big||"
+  "nginx 16KiB|http://127.0.0.1:$NGINX_PROXY/big|$NGINX_PID|"
+  "gatehouse 16KiB|http://127.0.0.1:$GATEHOUSE/public/big|$GATEHOUSE_PID|"
+)
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+GATEHOUSE_RSS_START=$(rss_kib "$GATEHOUSE_PID")
+
+run_one() { # round name url pid header connections
+  local round=$1 name=$2 url=$3 pid=$4 header=$5 conns=$6 out before after
+  local args=(-t1 -c"$conns" -d"${DURATION}s" --latency)
+  [ -n "$header" ] && args+=(-H "$header")
+  taskset -c "$LOAD_CPUS" wrk -t1 -c"$conns" -d"${WARMUP}s" ${header:+-H "$header"} "$url" >/dev/null
+  before=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
+  out=$(taskset -c "$LOAD_CPUS" wrk "${args[@]}" "$url")
+  after=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
+  python3 - "$round" "$name" "$conns" "$((after - before))" "$(getconf CLK_TCK)" "$RESULTS" <<PY
+import re, sys
+round_, name, conns, ticks, hz, path = sys.argv[1:7]
+out = """$out"""
+def dur(text):
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+requests = int(re.search(r"(\d+) requests in", out).group(1))
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+p50 = dur(re.search(r"50%\s+(\S+)", out).group(1))
+p99 = dur(re.search(r"99%\s+(\S+)", out).group(1))
+errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+errors += int(non2xx.group(1)) if non2xx else 0
+cpu_us = int(ticks) / int(hz) * 1e6 / requests if requests and int(ticks) else 0.0
+with open(path, "a") as f:
+    f.write(f"{round_}\t{name}\t{conns}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{errors}\t{cpu_us:.2f}\n")
+PY
+}
+
+echo "bench: $ROUNDS rounds x ${DURATION}s, proxy on CPU $PROXY_CPU, load on CPUs $LOAD_CPUS" >&2
+for round in $(seq "$ROUNDS"); do
+  for conns in 64 256; do
+    for scenario in "${SCENARIOS[@]}"; do
+      IFS='|' read -r name url pid header <<<"$scenario"
+      case "$name" in *16KiB*) [ "$conns" = 64 ] || continue ;; esac
+      echo "round $round/$ROUNDS: $name, $conns connections" >&2
+      run_one "$round" "$name" "$url" "$pid" "$header" "$conns"
+    done
+  done
+done
+GATEHOUSE_RSS_END=$(rss_kib "$GATEHOUSE_PID")
+GATEHOUSE_HWM=$(hwm_kib "$GATEHOUSE_PID")
+
+python3 - "$RESULTS" "$GATEHOUSE_RSS_START" "$GATEHOUSE_RSS_END" "$GATEHOUSE_HWM" "$ROUNDS" "$DURATION" <<'PY'
+import statistics, sys
+from collections import defaultdict
+path, rss_start, rss_end, hwm, rounds, duration = sys.argv[1:7]
+rows = defaultdict(list)
+order = []
+for line in open(path):
+    rnd, name, conns, rps, p50, p99, errors, cpu = line.rstrip("\n").split("\t")
+    key = (name, int(conns))
+    if key not in rows:
+        order.append(key)
+    rows[key].append((float(rps), float(p50), float(p99), int(errors), float(cpu)))
+def med(key, i):
+    return statistics.median(r[i] for r in rows[key])
+print(f"Medians of {rounds} interleaved rounds of {duration} s (wrk -t1; proxy pinned to one CPU, one worker).\n")
+print("| scenario | conns | req/s | p50 ms | p99 ms | errors | CPU µs/req | req/s vs direct | req/s vs nginx | CPU vs nginx |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for name, conns in order:
+    key = (name, conns)
+    rps, p50, p99, cpu = med(key, 0), med(key, 1), med(key, 2), med(key, 4)
+    errors = sum(r[3] for r in rows[key])
+    big = "16KiB" in name
+    direct = ("direct 16KiB" if big else "direct", conns)
+    nginx = ("nginx 16KiB" if big else "nginx", conns)
+    vs_direct = f"{rps / med(direct, 0):.2f}" if direct in rows else ""
+    vs_nginx = f"{rps / med(nginx, 0):.2f}" if nginx in rows and not name.startswith("direct") else ""
+    cpu_nginx = f"{cpu / med(nginx, 4):.2f}" if nginx in rows and cpu and med(nginx, 4) else ""
+    cpu_text = f"{cpu:.1f}" if cpu else "–"
+    print(f"| {name} | {conns} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {errors} | {cpu_text} | {vs_direct} | {vs_nginx} | {cpu_nginx} |")
+print(f"\ngatehouse RSS: {int(rss_start)//1024} MiB at start, {int(rss_end)//1024} MiB at end, peak {int(hwm)//1024} MiB.")
+PY
