@@ -131,7 +131,9 @@ impl Gateway {
 
     /// The policies counted for a request at one pipeline point: the global
     /// policy and the route's own, those keyed by `key`.
+    /// A route naming the global policy counts each request once.
     pub fn policies_for(&self, route_policy: Option<usize>, key: PolicyKey) -> Vec<usize> {
+        let route_policy = route_policy.filter(|&index| Some(index) != self.global_policy);
         self.global_policy
             .into_iter()
             .chain(route_policy)
@@ -141,13 +143,21 @@ impl Gateway {
 
     /// The client address of SPEC §4: the TCP peer, or, when the peer is a
     /// trusted proxy, the right-most `X-Forwarded-For` entry that is not
-    /// itself trusted.
-    pub fn client_address(&self, peer: IpAddr, forwarded_for: impl DoubleEndedIterator<Item = IpAddr>) -> IpAddr {
+    /// itself trusted. `forwarded_for` holds the entries left to right, `None`
+    /// for one that is not an address: the walk stops there and keys on the
+    /// last trusted hop, so a client cannot slip its own choice past a proxy
+    /// that wrote something unexpected.
+    pub fn client_address(
+        &self,
+        peer: IpAddr,
+        forwarded_for: impl DoubleEndedIterator<Item = Option<IpAddr>>,
+    ) -> IpAddr {
         if !self.is_trusted_proxy(peer) {
             return peer;
         }
         let mut client = peer;
         for hop in forwarded_for.rev() {
+            let Some(hop) = hop else { break };
             client = hop;
             if !self.is_trusted_proxy(hop) {
                 break;
@@ -174,5 +184,53 @@ impl Instance {
             authority,
             base_path: url.path().trim_end_matches('/').to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway_trusting(cidrs: &[&str]) -> Gateway {
+        let mut settings = Settings::default();
+        settings.server.trusted_proxies = cidrs.iter().map(|cidr| cidr.parse().unwrap()).collect();
+        Gateway::from_settings(&settings).unwrap()
+    }
+
+    fn address(gateway: &Gateway, peer: &str, forwarded_for: &[Option<&str>]) -> String {
+        let hops = forwarded_for.iter().map(|hop| hop.map(|ip| ip.parse().unwrap()));
+        gateway.client_address(peer.parse().unwrap(), hops).to_string()
+    }
+
+    #[test]
+    fn the_client_address_is_the_right_most_untrusted_hop_behind_trusted_proxies() {
+        let gateway = gateway_trusting(&["10.0.0.0/8"]);
+        assert_eq!(
+            address(&gateway, "203.0.113.9", &[Some("1.2.3.4")]),
+            "203.0.113.9",
+            "untrusted peer"
+        );
+        assert_eq!(
+            address(&gateway, "10.0.0.1", &[Some("1.2.3.4"), Some("5.6.7.8")]),
+            "5.6.7.8"
+        );
+        assert_eq!(
+            address(&gateway, "10.0.0.1", &[Some("1.2.3.4"), Some("10.0.0.2")]),
+            "1.2.3.4"
+        );
+        assert_eq!(
+            address(&gateway, "10.0.0.1", &[Some("10.0.0.3"), Some("10.0.0.2")]),
+            "10.0.0.3"
+        );
+        assert_eq!(address(&gateway, "10.0.0.1", &[]), "10.0.0.1");
+        assert_eq!(
+            address(&gateway, "10.0.0.1", &[Some("1.2.3.4"), None]),
+            "10.0.0.1",
+            "stops at garbage"
+        );
+        assert_eq!(
+            address(&gateway, "10.0.0.1", &[Some("1.2.3.4"), None, Some("10.0.0.2")]),
+            "10.0.0.2"
+        );
     }
 }

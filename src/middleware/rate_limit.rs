@@ -53,9 +53,18 @@ pub fn client_address(req: &ServiceRequest, gateway: &Gateway) -> Option<IpAddr>
         .get_all(X_FORWARDED_FOR)
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|entry| entry.trim().parse::<IpAddr>().ok())
+        .map(|entry| forwarded_address(entry.trim()))
         .collect::<Vec<_>>();
     Some(gateway.client_address(peer, forwarded.into_iter()))
+}
+
+/// One `X-Forwarded-For` entry: an address, or an address with a port as some
+/// load balancers write it (`203.0.113.7:51234`, `[2001:db8::1]:443`).
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|addr| addr.ip()))
 }
 
 /// The policies this stage counts for this request.

@@ -6,4 +6,5 @@ mod forwarding;
 mod framing;
 mod helpers;
 mod process;
+mod rate_limits;
 mod routing;
