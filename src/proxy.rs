@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use actix::Addr;
 use actix_http::body::{self as http_body, BoxBody, SizedStream};
@@ -35,7 +36,6 @@ use crate::routing::{strip_route_prefix, Route};
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
 const X_USER_ROLES: HeaderName = HeaderName::from_static("x-user-roles");
 const X_POWERED_BY: HeaderName = HeaderName::from_static("x-powered-by");
@@ -45,8 +45,10 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Everything one HTTP worker needs to forward; built once per worker.
 pub struct WorkerContext {
     pub gateway: Arc<Gateway>,
-    /// Pooled keep-alive connections, reused across this worker's requests.
-    pub client: awc::Client,
+    /// One client per instance (`[service][instance]`), each with its own
+    /// pool of keep-alive connections capped at `max_connections_per_host`,
+    /// so one slow instance cannot take the connections of another.
+    pub clients: Vec<Vec<awc::Client>>,
     /// This worker's balancer, on this worker's arbiter.
     pub balancer: Addr<BalancerActor>,
     pub registry: Addr<RegistryActor>,
@@ -129,26 +131,40 @@ pub async fn forward(
     path: &str,
     ctx: &WorkerContext,
 ) -> Result<HttpResponse, GatewayError> {
+    // One deadline for the whole forward: a retry only gets what is left.
+    let deadline = Instant::now() + ctx.gateway.request_timeout;
     let service = &ctx.gateway.services[route.service];
     let path_and_query = upstream_path_and_query(req, route, path)?;
     let headers = upstream_headers(req, &ctx.gateway);
     let body = RequestBody::of(req, payload, ctx.gateway.max_body_bytes);
-    let retry_allowed = body.is_none();
+    let retry_allowed = body.is_replayable();
 
     let first = pick(ctx, route.service, None)
         .await?
         .ok_or_else(|| unavailable(service, "no healthy instance"))?;
-    let failure = match attempt(ctx, req, route.service, first, &path_and_query, headers.clone(), body).await {
+    let failure = match attempt(
+        ctx,
+        req,
+        route.service,
+        first,
+        &path_and_query,
+        headers.clone(),
+        body,
+        deadline,
+    )
+    .await
+    {
         Ok(response) => return Ok(response),
         Err(failure) => failure,
     };
-    if !(retry_allowed && failure.is_retryable()) {
+    if !(retry_allowed && failure.is_retryable()) || Instant::now() >= deadline {
         return Err(failure.into_error(service));
     }
     let Some(second) = pick(ctx, route.service, Some(first)).await? else {
         return Err(failure.into_error(service));
     };
     tracing::debug!(failed = %service.instances[first].url, retry = %service.instances[second].url, "retrying on the next instance");
+    let body = RequestBody::replay(req);
     attempt(
         ctx,
         req,
@@ -156,7 +172,8 @@ pub async fn forward(
         second,
         &path_and_query,
         headers,
-        RequestBody::none(),
+        body,
+        deadline,
     )
     .await
     .map_err(|failure| failure.into_error(service))
@@ -170,6 +187,7 @@ async fn pick(ctx: &WorkerContext, service: usize, exclude: Option<usize>) -> Re
 }
 
 /// One try against one instance; on success the response is already built.
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     ctx: &WorkerContext,
     req: &HttpRequest,
@@ -178,22 +196,23 @@ async fn attempt(
     path_and_query: &PathAndQuery,
     mut headers: HeaderMap,
     body: RequestBody,
+    deadline: Instant,
 ) -> Result<HttpResponse, Failure> {
     let instance = &ctx.gateway.services[service_index].instances[index];
     tracing::Span::current().record("instance", instance.url.as_str());
     headers.insert(header::HOST, instance.host.clone());
     let uri = upstream_uri(instance, path_and_query).map_err(Failure::Internal)?;
 
-    let mut request = ctx
-        .client
+    let mut request = ctx.clients[service_index][index]
         .request(req.method().clone(), uri)
-        .timeout(ctx.gateway.request_timeout)
+        .timeout(deadline.saturating_duration_since(Instant::now()))
         .no_decompress();
     *request.headers_mut() = headers;
 
-    let overflowed = body.overflow_flag();
+    let progress = body.progress();
     let sent = match body {
         RequestBody::None => request.send_body(http_body::None::new()).await,
+        RequestBody::Empty => request.send_body(()).await,
         RequestBody::Sized(length, stream) => request.send_body(SizedStream::new(length, stream)).await,
         RequestBody::Chunked(stream) => request.send_stream(stream).await,
     };
@@ -203,10 +222,16 @@ async fn attempt(
             Ok(client_response(response, req.method()))
         }
         Err(error) => {
-            let failure = Failure::classify(error, overflowed.is_some_and(|flag| flag.get()));
+            let overflowed = progress.as_ref().is_some_and(|progress| progress.overflowed.get());
+            let failure = Failure::classify(error, overflowed);
             tracing::warn!(instance = %instance.url, kind = failure.kind(), error = ?failure, "upstream request failed");
             crate::metrics::upstream_error(&ctx.gateway.services[service_index].name, failure.kind());
-            if failure.counts_against_instance() && ctx.passive.record_failure(service_index, index) {
+            // While the client's body is still arriving, a timeout or reset
+            // may be the client's doing (a stalled upload) or a legitimate
+            // early answer; only failures with the whole request sent say
+            // something about the instance.
+            let request_sent = progress.as_ref().is_none_or(|progress| progress.finished.get());
+            if request_sent && failure.counts_against_instance() && ctx.passive.record_failure(service_index, index) {
                 ctx.registry.do_send(ReportPassiveFailure {
                     service: service_index,
                     instance: index,
@@ -271,18 +296,20 @@ fn connection_named(headers: &HeaderMap) -> Vec<String> {
 
 /// Headers the gateway sets itself or never forwards, on top of hop-by-hop.
 fn is_gateway_owned(name: &HeaderName, trusted_peer: bool) -> bool {
-    name == header::HOST
-        || name == header::CONTENT_LENGTH
-        || name == header::EXPECT
-        || name == X_REQUEST_ID
-        || name == X_USER_ID
-        || name == X_USER_ROLES
-        || name == X_FORWARDED_FOR
-        || (!trusted_peer
-            && (name == header::FORWARDED
-                || name == X_REAL_IP
-                || name == X_FORWARDED_PROTO
-                || name == X_FORWARDED_HOST))
+    let name = name.as_str();
+    if name.contains('_') {
+        // CGI-style servers read `X_User_Id` as `X-User-Id`: compare the
+        // dashed form, so an underscore cannot smuggle an owned header.
+        return is_gateway_owned_name(&name.replace('_', "-"), trusted_peer);
+    }
+    is_gateway_owned_name(name, trusted_peer)
+}
+
+fn is_gateway_owned_name(name: &str, trusted_peer: bool) -> bool {
+    matches!(
+        name,
+        "host" | "content-length" | "expect" | "x-request-id" | "x-user-id" | "x-user-roles" | "x-forwarded-for"
+    ) || (!trusted_peer && (name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")))
 }
 
 fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
@@ -407,7 +434,10 @@ impl Stream for EmptyStream {
 
 /// The client's body as it will be sent upstream.
 enum RequestBody {
+    /// No body and no length: nothing is framed.
     None,
+    /// An explicit `Content-Length: 0`, kept (some servers want a length on POST).
+    Empty,
     /// Declared `Content-Length`: sent with the same length.
     Sized(u64, CappedPayload),
     /// Chunked: sent chunked, capped while it streams.
@@ -415,10 +445,6 @@ enum RequestBody {
 }
 
 impl RequestBody {
-    fn none() -> Self {
-        Self::None
-    }
-
     fn of(req: &HttpRequest, payload: web::Payload, limit: u64) -> Self {
         let length = req
             .headers()
@@ -427,29 +453,49 @@ impl RequestBody {
             .and_then(|text| text.parse::<u64>().ok());
         let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
         match (length, chunked) {
-            (Some(0), false) | (None, false) => Self::None,
+            (None, false) => Self::None,
+            (Some(0), false) => Self::Empty,
             (Some(length), false) => Self::Sized(length, CappedPayload::new(payload, limit)),
             (_, true) => Self::Chunked(CappedPayload::new(payload, limit)),
         }
     }
 
-    fn is_none(&self) -> bool {
-        matches!(self, Self::None)
-    }
-
-    fn overflow_flag(&self) -> Option<Rc<Cell<bool>>> {
-        match self {
-            Self::None => None,
-            Self::Sized(_, stream) | Self::Chunked(stream) => Some(stream.overflowed.clone()),
+    /// The same framing again, for a retry of a request without a body.
+    fn replay(req: &HttpRequest) -> Self {
+        if req.headers().contains_key(header::CONTENT_LENGTH) {
+            Self::Empty
+        } else {
+            Self::None
         }
     }
+
+    /// Only a request whose (empty) body was not consumed can be sent twice.
+    fn is_replayable(&self) -> bool {
+        matches!(self, Self::None | Self::Empty)
+    }
+
+    fn progress(&self) -> Option<Rc<BodyProgress>> {
+        match self {
+            Self::None | Self::Empty => None,
+            Self::Sized(_, stream) | Self::Chunked(stream) => Some(stream.progress.clone()),
+        }
+    }
+}
+
+/// How far the client's body got, seen by the code that classifies failures.
+#[derive(Default)]
+struct BodyProgress {
+    /// More than `max_body_bytes` arrived.
+    overflowed: Cell<bool>,
+    /// The whole body was read from the client.
+    finished: Cell<bool>,
 }
 
 /// The client's body stream, failing once more than `remaining` bytes arrive.
 struct CappedPayload {
     inner: web::Payload,
     remaining: u64,
-    overflowed: Rc<Cell<bool>>,
+    progress: Rc<BodyProgress>,
 }
 
 impl CappedPayload {
@@ -457,7 +503,7 @@ impl CappedPayload {
         Self {
             inner,
             remaining: limit,
-            overflowed: Rc::new(Cell::new(false)),
+            progress: Rc::default(),
         }
     }
 }
@@ -471,11 +517,15 @@ impl Stream for CappedPayload {
             Poll::Ready(Some(Ok(chunk))) => {
                 let size = chunk.len() as u64;
                 if size > this.remaining {
-                    this.overflowed.set(true);
+                    this.progress.overflowed.set(true);
                     return Poll::Ready(Some(Err(PayloadError::Overflow)));
                 }
                 this.remaining -= size;
                 Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(None) => {
+                this.progress.finished.set(true);
+                Poll::Ready(None)
             }
             other => other,
         }

@@ -572,10 +572,15 @@ impl Settings {
             }
         }
         match url::Url::parse(rate_limit.redis_url.expose()) {
-            Ok(url) if matches!(url.scheme(), "redis" | "rediss" | "unix" | "redis+unix") => {}
+            Ok(url) if matches!(url.scheme(), "redis" | "unix" | "redis+unix") => {}
+            Ok(url) if url.scheme() == "rediss" => problem(
+                "rate_limit.redis_url".to_owned(),
+                "rediss:// (TLS) is not supported; reach Redis over redis:// on a trusted network or a unix socket"
+                    .to_owned(),
+            ),
             _ => problem(
                 "rate_limit.redis_url".to_owned(),
-                "must be a redis://, rediss:// or unix:// URL".to_owned(),
+                "must be a redis:// or unix:// URL".to_owned(),
             ),
         }
         if rate_limit.key_prefix.is_empty() {

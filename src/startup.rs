@@ -73,6 +73,10 @@ impl Application {
             None
         };
 
+        let rate_limit = settings.rate_limit.clone();
+        let shared_limits = SharedLimits::new(gateway.policies.clone());
+        // Fail here, not in a worker, if the backend cannot be set up.
+        RateLimiter::new(&rate_limit, &shared_limits).map_err(StartupError::Config)?;
         let passive = Arc::new(PassiveFailures::new(&gateway, settings.health.passive_failures));
         let registry = RegistryActor::new(&gateway, &settings.health, passive.clone()).start();
         HealthChecker::new(&gateway, &settings.health, registry.clone()).start();
@@ -80,10 +84,6 @@ impl Application {
         let cursors = shared_cursors(gateway.services.len());
         let instance_counts: Vec<usize> = gateway.services.iter().map(|s| s.instances.len()).collect();
         let upstream = settings.upstream.clone();
-        let rate_limit = settings.rate_limit.clone();
-        let shared_limits = SharedLimits::new(gateway.policies.clone());
-        // Fail here, not in a worker, if the backend cannot be set up.
-        RateLimiter::new(&rate_limit, &shared_limits).map_err(StartupError::Config)?;
         crate::metrics::install();
         actix_rt::spawn(async {
             let mut upkeep = actix_rt::time::interval(METRICS_UPKEEP);
@@ -100,7 +100,11 @@ impl Application {
             registry.do_send(SubscribeBalancer(balancer.clone().recipient()));
             let context = WorkerContext {
                 gateway: gateway.clone(),
-                client: upstream_client(&upstream),
+                clients: gateway
+                    .services
+                    .iter()
+                    .map(|service| service.instances.iter().map(|_| upstream_client(&upstream)).collect())
+                    .collect(),
                 balancer,
                 registry: registry.clone(),
                 passive: passive.clone(),

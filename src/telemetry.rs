@@ -72,7 +72,7 @@ impl RootSpanBuilder for GatewayRootSpan {
                     _ => "-",
                 };
                 let status = response.status().as_u16();
-                crate::metrics::request_completed(route, request.method().as_str(), status, elapsed);
+                crate::metrics::request_completed(route, request.method(), status, elapsed);
                 tracing::info!(status, latency_ms = elapsed.as_secs_f64() * 1000.0, "request completed");
             }
             Err(error) => tracing::error!(%error, "request failed"),

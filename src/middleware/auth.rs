@@ -17,11 +17,12 @@ use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{Error, HttpMessage};
 use actix_web_httpauth::headers::authorization::Bearer;
-use futures_util::future::{Either, LocalBoxFuture};
+use futures_util::future::Either;
 
 use crate::auth::{Identity, Verifier};
 use crate::error::GatewayError;
 use crate::middleware::route_match::Routed;
+use crate::middleware::{passthrough, Passthrough};
 
 /// The bearer token of an `Authorization` header; the scheme is matched
 /// case-insensitively (RFC 9110 §11.1), which actix-web-httpauth's own
@@ -97,10 +98,7 @@ where
 {
     type Response = ServiceResponse<EitherBody<B>>;
     type Error = Error;
-    type Future = Either<
-        LocalBoxFuture<'static, Result<Self::Response, Self::Error>>,
-        Ready<Result<Self::Response, Self::Error>>,
-    >;
+    type Future = Either<Passthrough<S::Future, B>, Ready<Result<Self::Response, Self::Error>>>;
 
     actix_web::dev::forward_ready!(service);
 
@@ -114,10 +112,7 @@ where
                 if let Some(identity) = identity {
                     req.extensions_mut().insert(identity);
                 }
-                let response = self.service.call(req);
-                Either::Left(Box::pin(async move {
-                    response.await.map(ServiceResponse::map_into_left_body)
-                }))
+                Either::Left(passthrough(self.service.call(req)))
             }
             Err(error) => Either::Right(ready(Ok(req.error_response(error).map_into_right_body()))),
         }

@@ -17,3 +17,19 @@ pub mod rate_limit;
 pub mod request_id;
 pub mod route_match;
 pub mod security_headers;
+
+use actix_web::body::EitherBody;
+use actix_web::dev::ServiceResponse;
+use futures_util::future::{MapOk, TryFutureExt};
+
+/// The inner service's response passed on unchanged (as the left body of an
+/// `EitherBody`) without boxing a future: the common path of the layers that
+/// only sometimes answer themselves.
+pub type Passthrough<F, B> = MapOk<F, fn(ServiceResponse<B>) -> ServiceResponse<EitherBody<B>>>;
+
+pub fn passthrough<F, B>(response: F) -> Passthrough<F, B>
+where
+    F: futures_util::TryFuture<Ok = ServiceResponse<B>>,
+{
+    response.map_ok(ServiceResponse::map_into_left_body as fn(_) -> _)
+}

@@ -26,6 +26,7 @@ use crate::auth::Identity;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::middleware::route_match::{Routed, Target};
+use crate::middleware::{passthrough, Passthrough};
 use crate::ratelimit::{PolicyState, RateLimiter};
 use crate::settings::PolicyKey;
 
@@ -148,38 +149,28 @@ where
 {
     type Response = ServiceResponse<EitherBody<B>>;
     type Error = Error;
-    type Future = Either<
-        LocalBoxFuture<'static, Result<Self::Response, Self::Error>>,
-        LocalBoxFuture<'static, Result<Self::Response, Self::Error>>,
-    >;
+    type Future = Either<Passthrough<S::Future, B>, LocalBoxFuture<'static, Result<Self::Response, Self::Error>>>;
 
     actix_web::dev::forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let policies = policies_for(&req, &self.gateway, self.stage);
         let stage = self.stage;
+        // The address stage writes the headers for what the user stage counts.
+        let counted_later = stage == Stage::Address && !policies_for(&req, &self.gateway, Stage::User).is_empty();
+        if policies.is_empty() && !counted_later {
+            return Either::Left(passthrough(self.service.call(req)));
+        }
         let service = self.service.clone();
         let limiter = self.limiter.clone();
-        if policies.is_empty() {
-            // Nothing to count here; the address stage still writes headers
-            // for what the user stage counted.
-            let response = service.call(req);
-            return Either::Left(Box::pin(async move {
-                let mut response = response.await?;
-                if stage == Stage::Address {
-                    let state = response.request().extensions().get::<LimitState>().copied();
-                    if let Some(LimitState(state)) = state {
-                        set_headers(response.headers_mut(), state, &limiter);
-                    }
-                }
-                Ok(response.map_into_left_body())
-            }));
-        }
-        let key = client_key(&req, &self.gateway, stage);
+        let key = (!policies.is_empty()).then(|| client_key(&req, &self.gateway, stage));
         Either::Right(Box::pin(async move {
-            let verdict = match limiter.check(&key, &policies).await {
-                Ok(verdict) => verdict,
-                Err(error) => return Ok(req.error_response(error).map_into_right_body()),
+            let verdict = match &key {
+                None => None,
+                Some(key) => match limiter.check(key, &policies).await {
+                    Ok(verdict) => verdict,
+                    Err(error) => return Ok(req.error_response(error).map_into_right_body()),
+                },
             };
             if let Some(verdict) = &verdict {
                 let seen = req.extensions().get::<LimitState>().copied();

@@ -12,10 +12,11 @@ use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{Error, HttpMessage};
-use futures_util::future::{Either, LocalBoxFuture};
+use futures_util::future::Either;
 
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
+use crate::middleware::{passthrough, Passthrough};
 use crate::routing::{normalize_path, Route, RouteMatch};
 
 /// What a request is for, decided once.
@@ -146,10 +147,7 @@ where
 {
     type Response = ServiceResponse<EitherBody<B>>;
     type Error = Error;
-    type Future = Either<
-        LocalBoxFuture<'static, Result<Self::Response, Self::Error>>,
-        Ready<Result<Self::Response, Self::Error>>,
-    >;
+    type Future = Either<Passthrough<S::Future, B>, Ready<Result<Self::Response, Self::Error>>>;
 
     actix_web::dev::forward_ready!(service);
 
@@ -157,10 +155,7 @@ where
         match classify(&req, &self.gateway) {
             Ok(routed) => {
                 req.extensions_mut().insert(routed);
-                let response = self.service.call(req);
-                Either::Left(Box::pin(async move {
-                    response.await.map(ServiceResponse::map_into_left_body)
-                }))
+                Either::Left(passthrough(self.service.call(req)))
             }
             Err(error) => Either::Right(ready(Ok(req.error_response(error).map_into_right_body()))),
         }

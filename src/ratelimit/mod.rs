@@ -89,13 +89,17 @@ impl Verdict {
         self.states.iter().copied().reduce(PolicyState::more_restrictive)
     }
 
-    /// The policy that refused the request: the most restrictive one at 0.
+    /// The policy that refused the request: the most restrictive one at 0,
+    /// with `reset_s` the longest wait among the exhausted ones, since the
+    /// request is admitted only when every one of them has a free slot.
     pub fn refusing(&self) -> Option<PolicyState> {
-        self.states
-            .iter()
-            .copied()
-            .filter(|state| state.remaining == 0)
-            .reduce(PolicyState::more_restrictive)
+        let exhausted = self.states.iter().copied().filter(|state| state.remaining == 0);
+        let longest_wait = exhausted.clone().map(|state| state.reset_s).max()?;
+        let refusing = exhausted.reduce(PolicyState::more_restrictive)?;
+        Some(PolicyState {
+            reset_s: longest_wait,
+            ..refusing
+        })
     }
 }
 
@@ -240,6 +244,36 @@ mod tests {
         };
         assert_eq!(verdict.most_restrictive(), Some(state(3, 10)));
         assert_eq!(verdict.refusing(), None);
+    }
+
+    #[test]
+    fn retry_after_waits_for_every_exhausted_policy() {
+        let verdict = Verdict {
+            admitted: false,
+            states: vec![
+                PolicyState {
+                    policy: 0,
+                    limit: 3,
+                    remaining: 0,
+                    reset_s: 45,
+                },
+                PolicyState {
+                    policy: 1,
+                    limit: 2,
+                    remaining: 0,
+                    reset_s: 10,
+                },
+                PolicyState {
+                    policy: 2,
+                    limit: 1,
+                    remaining: 1,
+                    reset_s: 99,
+                },
+            ],
+        };
+        let refusing = verdict.refusing().unwrap();
+        assert_eq!(refusing.policy, 1, "the message is the most restrictive policy's");
+        assert_eq!(refusing.reset_s, 45, "but the wait is the longest among the exhausted");
     }
 
     #[test]

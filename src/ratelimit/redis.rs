@@ -6,17 +6,25 @@
 //! time from Redis `TIME`, so gateway clocks never matter. Every key gets a
 //! PEXPIRE of its window, so Redis holds only the clients active within one.
 //! Each call is bounded by `rate_limit.redis_timeout_ms`, pool waits included.
+//!
+//! A worker keeps one multiplexed connection and pipelines every request's
+//! script over it; the deadpool pool only hands out a new one (with its
+//! timeouts) after a failure. Checking a connection out per request would
+//! cost a PING round trip each time (deadpool-redis's recycle check) and cap
+//! a worker at pool-size requests in flight.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
+use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::Script;
 use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
 
 use super::{redis_key, verdict_from_counts, Policy, Verdict};
 use crate::settings::RateLimitSettings;
 
-/// Connections per worker; each is multiplexed, so a few carry many requests.
-const POOL_SIZE_PER_WORKER: usize = 4;
+/// Connections per worker's pool; one is in use at a time (see above).
+const POOL_SIZE_PER_WORKER: usize = 2;
 
 /// KEYS: one sorted set per policy. ARGV[1]: a unique member suffix; then per
 /// policy its window (µs) and max. Returns {admitted, now_us, count_1,
@@ -66,6 +74,8 @@ pub struct RedisStore {
     script: Script,
     key_prefix: String,
     timeout: Duration,
+    /// The worker's connection, until it fails.
+    connection: RefCell<Option<MultiplexedConnection>>,
 }
 
 impl RedisStore {
@@ -90,14 +100,30 @@ impl RedisStore {
             script: Script::new(SLIDING_LOG),
             key_prefix: settings.key_prefix.clone(),
             timeout,
+            connection: RefCell::new(None),
         })
     }
 
     pub async fn check(&self, client: &str, policies: &[(usize, &Policy)]) -> Result<Verdict, RedisError> {
-        match actix_rt::time::timeout(self.timeout, self.run_script(client, policies)).await {
+        let result = match actix_rt::time::timeout(self.timeout, self.run_script(client, policies)).await {
             Ok(result) => result,
             Err(_) => Err(RedisError::Timeout(self.timeout)),
+        };
+        if result.is_err() {
+            // Start over from the pool, which reconnects with its timeouts.
+            self.connection.borrow_mut().take();
         }
+        result
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
+        if let Some(connection) = self.connection.borrow().as_ref() {
+            return Ok(connection.clone());
+        }
+        let pooled = self.pool.get().await?;
+        let connection = MultiplexedConnection::clone(&pooled);
+        *self.connection.borrow_mut() = Some(connection.clone());
+        Ok(connection)
     }
 
     async fn run_script(&self, client: &str, policies: &[(usize, &Policy)]) -> Result<Verdict, RedisError> {
@@ -109,7 +135,7 @@ impl RedisStore {
                 .arg(policy.window_us())
                 .arg(policy.max);
         }
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let reply: Vec<i64> = invocation.invoke_async(&mut connection).await?;
         let (head, per_policy) = reply.split_at_checked(2).ok_or(RedisError::Reply)?;
         if per_policy.len() != policies.len() * 2 {
