@@ -73,7 +73,9 @@ impl RootSpanBuilder for GatewayRootSpan {
                 };
                 let status = response.status().as_u16();
                 crate::metrics::request_completed(route, request.method(), status, elapsed);
-                tracing::info!(status, latency_ms = elapsed.as_secs_f64() * 1000.0, "request completed");
+                // Microsecond precision, printed as milliseconds (0.103, not 0.10321499…).
+                let latency_ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
+                tracing::info!(status, latency_ms, "request completed");
             }
             Err(error) => tracing::error!(%error, "request failed"),
         }
