@@ -9,6 +9,8 @@
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::{Error, HttpMessage};
+use std::sync::Arc;
+
 use tracing::Span;
 use tracing_actix_web::RootSpanBuilder;
 use tracing_subscriber::EnvFilter;
@@ -65,14 +67,14 @@ impl RootSpanBuilder for GatewayRootSpan {
                     .get::<RequestId>()
                     .map(|id| id.started.elapsed())
                     .unwrap_or_default();
-                let route = match extensions.get::<Routed>().map(|routed| &routed.target) {
-                    Some(Target::Route(route)) => &*route.name,
-                    Some(Target::Health) => "/health",
-                    Some(Target::Metrics) => "/metrics",
-                    _ => "-",
+                let (route_key, route) = match extensions.get::<Routed>().map(|routed| &routed.target) {
+                    Some(Target::Route(route)) => (Arc::as_ptr(route) as usize, &*route.name),
+                    Some(Target::Health) => (1, "/health"),
+                    Some(Target::Metrics) => (2, "/metrics"),
+                    _ => (0, "-"),
                 };
                 let status = response.status().as_u16();
-                crate::metrics::request_completed(route, request.method(), status, elapsed);
+                crate::metrics::request_completed(route_key, route, request.method(), status, elapsed);
                 // Microsecond precision, printed as milliseconds (0.103, not 0.10321499…).
                 let latency_ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
                 tracing::info!(status, latency_ms, "request completed");

@@ -4,6 +4,7 @@ mod auth;
 mod balancing;
 mod forwarding;
 mod framing;
+mod hardening;
 mod helpers;
 mod process;
 mod rate_limits;
