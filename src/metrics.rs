@@ -69,13 +69,15 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// Route key, method label, status.
+type SeriesKey = (usize, &'static str, u16);
+
 thread_local! {
     /// Each worker's handles per (route, method, status): registering a
     /// labelled series costs label allocations and a registry lookup, so it
     /// happens once per series and worker, not once per request. Bounded by
     /// routes × 10 method labels × statuses seen.
-    static REQUEST_SERIES: RefCell<HashMap<(usize, &'static str, u16), (Counter, Histogram)>> =
-        RefCell::new(HashMap::new());
+    static REQUEST_SERIES: RefCell<HashMap<SeriesKey, (Counter, Histogram)>> = RefCell::new(HashMap::new());
 }
 
 /// Counts one finished request. `route_key` identifies `route` cheaply (an
