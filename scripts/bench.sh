@@ -44,7 +44,8 @@ trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_port() { for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
-UP1=$(free_port); UP2=$(free_port); NGINX_PROXY=$(free_port); REDIS=$(free_port); GATEHOUSE=$(free_port)
+UP1=$(free_port); UP2=$(free_port); NGINX_PROXY=$(free_port); REDIS=$(free_port)
+GATEHOUSE=$(free_port); GATEHOUSE_NO_METRICS=$(free_port); GATEHOUSE_INFO_LOG=$(free_port)
 head -c 16384 /dev/zero | tr '\0' 'x' >"$WORK/16k.txt"
 chmod 755 "$WORK"; chmod 644 "$WORK/16k.txt"   # nginx workers run unprivileged
 mkdir -p "$WORK/logs"
@@ -132,11 +133,19 @@ auth = true
 strip_prefix = true
 rate_limit = "bench"
 EOF
-GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench GATEHOUSE_LOG=${GATEHOUSE_LOG:-warn} \
-  taskset -c "$PROXY_CPU" ./target/release/gatehouse 2>"$WORK/logs/gatehouse.err" &
-GATEHOUSE_PID=$!
-PIDS+=($GATEHOUSE_PID)
-for port in $UP1 $UP2 $NGINX_PROXY $REDIS $GATEHOUSE; do wait_port "$port"; done
+# The gatehouse under test (access log off, as nginx's), plus two variants
+# for the cost of metrics and of the per-request log line at the default
+# level (info, written to a file).
+start_gatehouse() { # port log-level metrics
+  GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench GATEHOUSE_LOG=$2 GATEHOUSE_METRICS=$3 \
+    GATEHOUSE__SERVER__LISTEN="127.0.0.1:$1" taskset -c "$PROXY_CPU" ./target/release/gatehouse \
+    2>>"$WORK/logs/gatehouse-$1.log" &
+  PIDS+=($!)
+}
+start_gatehouse "$GATEHOUSE" warn on; GATEHOUSE_PID=$!
+start_gatehouse "$GATEHOUSE_NO_METRICS" warn off; NO_METRICS_PID=$!
+start_gatehouse "$GATEHOUSE_INFO_LOG" info on; INFO_LOG_PID=$!
+for port in $UP1 $UP2 $NGINX_PROXY $REDIS $GATEHOUSE $GATEHOUSE_NO_METRICS $GATEHOUSE_INFO_LOG; do wait_port "$port"; done
 NGINX_PID=$(pgrep -f "nginx: worker process" -P "$(cat "$WORK/nginx-proxy.pid")" | head -1)
 TOKEN=$(GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench ./target/release/gatehouse token --sub bench --ttl 86400)
 
@@ -145,6 +154,8 @@ SCENARIOS=(
   "direct|http://127.0.0.1:$UP1/item||"
   "nginx|http://127.0.0.1:$NGINX_PROXY/item|$NGINX_PID|"
   "gatehouse public|http://127.0.0.1:$GATEHOUSE/public/item|$GATEHOUSE_PID|"
+  "gatehouse public, no metrics|http://127.0.0.1:$GATEHOUSE_NO_METRICS/public/item|$NO_METRICS_PID|"
+  "gatehouse public, info log|http://127.0.0.1:$GATEHOUSE_INFO_LOG/public/item|$INFO_LOG_PID|"
   "gatehouse JWT|http://127.0.0.1:$GATEHOUSE/jwt/item|$GATEHOUSE_PID|Authorization: Bearer $TOKEN"
   "gatehouse JWT+Redis limit|http://127.0.0.1:$GATEHOUSE/limited/item|$GATEHOUSE_PID|Authorization: Bearer $TOKEN"
   "direct 16KiB|http://127.0.0.1:$UP1/big||"
@@ -193,7 +204,7 @@ for round in $(seq "$ROUNDS"); do
   for conns in 64 256; do
     for scenario in "${SCENARIOS[@]}"; do
       IFS='|' read -r name url pid header <<<"$scenario"
-      case "$name" in *16KiB*) [ "$conns" = 64 ] || continue ;; esac
+      case "$name" in *16KiB* | *metrics* | *log*) [ "$conns" = 64 ] || continue ;; esac
       echo "round $round/$ROUNDS: $name, $conns connections" >&2
       run_one "$round" "$name" "$url" "$pid" "$header" "$conns"
     done
@@ -231,5 +242,14 @@ for name, conns in order:
     cpu_nginx = f"{cpu / med(nginx, 4):.2f}" if nginx in rows and cpu and med(nginx, 4) else ""
     cpu_text = f"{cpu:.1f}" if cpu else "–"
     print(f"| {name} | {conns} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {errors} | {cpu_text} | {vs_direct} | {vs_nginx} | {cpu_nginx} |")
-print(f"\ngatehouse RSS: {int(rss_start)//1024} MiB at start, {int(rss_end)//1024} MiB at end, peak {int(hwm)//1024} MiB.")
+print()
+def ratio(a, b, i):
+    return med(a, i) / med(b, i) if a in rows and b in rows and med(b, i) else float("nan")
+for conns in (64, 256):
+    public, jwt, limited = ("gatehouse public", conns), ("gatehouse JWT", conns), ("gatehouse JWT+Redis limit", conns)
+    print(f"- c{conns}: JWT CPU/req vs public {ratio(jwt, public, 4):.2f}x; JWT+Redis req/s vs public {ratio(limited, public, 0):.2f}x")
+public, no_metrics, info_log = ("gatehouse public", 64), ("gatehouse public, no metrics", 64), ("gatehouse public, info log", 64)
+print(f"- metrics cost: CPU/req {100 * (ratio(public, no_metrics, 4) - 1):+.1f} % against no metrics")
+print(f"- per-request info log line: CPU/req {100 * (ratio(info_log, public, 4) - 1):+.1f} % against warn level")
+print(f"- gatehouse RSS: {int(rss_start)/1024:.1f} MiB at start, {int(rss_end)/1024:.1f} MiB at end, peak {int(hwm)/1024:.1f} MiB")
 PY
