@@ -183,13 +183,20 @@ run_one() { # round name url pid header connections
 import re, sys
 round_, name, conns, ticks, hz, path = sys.argv[1:7]
 out = """$out"""
-def dur(text):
-    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-requests = int(re.search(r"(\d+) requests in", out).group(1))
+def dur(pattern):
+    found = re.search(pattern + r"\s+([\d.]+)(us|ms|s|m)\b", out)
+    if not found:
+        return float("nan")
+    value, unit = found.groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+found = re.search(r"(\d+) requests in", out)
+if not found:
+    sys.stderr.write(f"unreadable wrk output for {name}:\n{out}\n")
+    sys.exit(0)
+requests = int(found.group(1))
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-p50 = dur(re.search(r"50%\s+(\S+)", out).group(1))
-p99 = dur(re.search(r"99%\s+(\S+)", out).group(1))
+p50 = dur(r"50%")
+p99 = dur(r"99%")
 errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
 non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 errors += int(non2xx.group(1)) if non2xx else 0
@@ -210,13 +217,24 @@ for round in $(seq "$ROUNDS"); do
     done
   done
 done
+# Sustained load: is the gateway's memory flat? 60 s at 256 connections on
+# the public route, RSS sampled after a 5 s warm-up and at the end.
+echo "sustained: 65 s on the public route, 256 connections" >&2
+taskset -c "$LOAD_CPUS" wrk -t1 -c256 -d65s "http://127.0.0.1:$GATEHOUSE/public/item" >"$WORK/sustained.txt" &
+WRK_PID=$!
+sleep 5
+SUSTAINED_RSS_START=$(rss_kib "$GATEHOUSE_PID")
+wait "$WRK_PID"
+SUSTAINED_RSS_END=$(rss_kib "$GATEHOUSE_PID")
+SUSTAINED_REQUESTS=$(awk '/requests in/ {print $1}' "$WORK/sustained.txt")
 GATEHOUSE_RSS_END=$(rss_kib "$GATEHOUSE_PID")
 GATEHOUSE_HWM=$(hwm_kib "$GATEHOUSE_PID")
 
-python3 - "$RESULTS" "$GATEHOUSE_RSS_START" "$GATEHOUSE_RSS_END" "$GATEHOUSE_HWM" "$ROUNDS" "$DURATION" <<'PY'
+python3 - "$RESULTS" "$GATEHOUSE_RSS_START" "$GATEHOUSE_RSS_END" "$GATEHOUSE_HWM" "$ROUNDS" "$DURATION" \
+  "$SUSTAINED_RSS_START" "$SUSTAINED_RSS_END" "$SUSTAINED_REQUESTS" <<'PY'
 import statistics, sys
 from collections import defaultdict
-path, rss_start, rss_end, hwm, rounds, duration = sys.argv[1:7]
+path, rss_start, rss_end, hwm, rounds, duration, sus_start, sus_end, sus_requests = sys.argv[1:10]
 rows = defaultdict(list)
 order = []
 for line in open(path):
@@ -251,5 +269,6 @@ for conns in (64, 256):
 public, no_metrics, info_log = ("gatehouse public", 64), ("gatehouse public, no metrics", 64), ("gatehouse public, info log", 64)
 print(f"- metrics cost: CPU/req {100 * (ratio(public, no_metrics, 4) - 1):+.1f} % against no metrics")
 print(f"- per-request info log line: CPU/req {100 * (ratio(info_log, public, 4) - 1):+.1f} % against warn level")
-print(f"- gatehouse RSS: {int(rss_start)/1024:.1f} MiB at start, {int(rss_end)/1024:.1f} MiB at end, peak {int(hwm)/1024:.1f} MiB")
+print(f"- gatehouse RSS: {int(rss_start)/1024:.1f} MiB idle at start, {int(rss_end)/1024:.1f} MiB at the end, peak {int(hwm)/1024:.1f} MiB")
+print(f"- sustained 60 s at 256 connections ({int(sus_requests)} requests): RSS {int(sus_start)/1024:.1f} MiB after 5 s, {int(sus_end)/1024:.1f} MiB at 65 s")
 PY
