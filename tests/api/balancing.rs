@@ -4,28 +4,15 @@
 //! sees them through real sockets.
 
 use std::collections::BTreeMap;
-use std::io::{ErrorKind, Read};
-use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
 use crate::helpers::*;
 
-/// A `[server]` table with `workers` HTTP workers on a free loopback port.
-fn server(workers: usize) -> String {
-    format!("[server]\nlisten = \"127.0.0.1:0\"\nworkers = {workers}\n")
-}
-
 /// Service `name` with `urls`, behind the route `/api/<name>`.
 fn service(name: &str, urls: &[String]) -> String {
-    let urls: Vec<String> = urls.iter().map(|url| format!("{url:?}")).collect();
-    format!(
-        "[services.{name}]\ninstances = [{}]\n[routes.{name}]\nprefix = \"/api/{name}\"\nservice = \"{name}\"\n",
-        urls.join(", ")
-    )
+    service_at(name, &format!("/api/{name}"), urls)
 }
 
 fn urls(upstreams: &[&Upstream]) -> Vec<String> {
@@ -100,9 +87,8 @@ fn hits(upstreams: &[&Upstream]) -> Vec<usize> {
 }
 
 /// `GET /health`: always 200, JSON, the exact shape of SPEC §5.
-async fn health(gateway: &TestGateway) -> Value {
-    let reply = get(&gateway.url("/health")).await;
-    assert_eq!(reply.status, 200, "/health is 200 whatever the state");
+async fn checked_health(gateway: &TestGateway) -> Value {
+    let reply = health_reply(gateway).await;
     assert_eq!(reply.header("content-type"), Some("application/json"));
     let report = reply.json();
     assert_health_shape(&report);
@@ -194,16 +180,6 @@ fn assert_rfc3339_utc_recent(at: &str) {
     );
 }
 
-/// The `/health` entry of the instance `url` of `service`.
-fn instance<'a>(report: &'a Value, service: &str, url: &str) -> &'a Value {
-    report["services"][service]["instances"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no service {service} in {report}"))
-        .iter()
-        .find(|instance| instance["url"] == url)
-        .unwrap_or_else(|| panic!("no instance {url} of {service} in {report}"))
-}
-
 fn failures(instance: &Value) -> u64 {
     instance["consecutive_failures"].as_u64().unwrap()
 }
@@ -212,10 +188,18 @@ fn is_healthy(instance: &Value) -> bool {
     instance["healthy"].as_bool().unwrap()
 }
 
+/// Waits (up to 5 s) until `/health` reports `status` for the gateway.
+async fn overall_status_becomes(gateway: &TestGateway, status: &str) -> bool {
+    eventually(Duration::from_secs(5), async || {
+        checked_health(gateway).await["status"] == status
+    })
+    .await
+}
+
 /// Waits (up to `limit`) until every instance has been probed once.
 async fn wait_for_first_probes(gateway: &TestGateway, limit: Duration) {
     let probed = eventually(limit, async || {
-        let report = health(gateway).await;
+        let report = checked_health(gateway).await;
         report["services"]
             .as_object()
             .unwrap()
@@ -244,90 +228,6 @@ async fn post(url: &str, body: &'static str) -> Reply {
         .await
         .expect("request reaches the gateway");
     read_reply(response).await
-}
-
-/// A loopback port that accepts TCP connections (the kernel completes the
-/// handshake) but never answers: probes and requests to it hang.
-struct SilentInstance {
-    listener: TcpListener,
-}
-
-impl SilentInstance {
-    fn start() -> Self {
-        Self {
-            listener: TcpListener::bind("127.0.0.1:0").unwrap(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.listener.local_addr().unwrap())
-    }
-}
-
-/// A loopback port that accepts each connection, reads the request head and
-/// closes without answering: a reset before the response head. Counts the
-/// requests other than health probes.
-struct ClosingInstance {
-    address: SocketAddr,
-    requests: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-}
-
-impl ClosingInstance {
-    fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let address = listener.local_addr().unwrap();
-        let requests = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (counter, stopped) = (requests.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stopped.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((mut stream, _)) => {
-                        stream.set_nonblocking(false).unwrap();
-                        stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                        let mut head = Vec::new();
-                        let mut buffer = [0u8; 4096];
-                        while !head.windows(4).any(|window| window == b"\r\n\r\n") {
-                            match stream.read(&mut buffer) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => head.extend_from_slice(&buffer[..n]),
-                            }
-                        }
-                        if !head.is_empty() && !head.starts_with(b"GET /health ") {
-                            counter.fetch_add(1, Ordering::SeqCst);
-                        }
-                        drop(stream);
-                    }
-                    Err(err) if err.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    Err(_) => break,
-                }
-            }
-        });
-        Self {
-            address,
-            requests,
-            stop,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    /// Proxied requests (not probes) that reached this instance.
-    fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for ClosingInstance {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -410,7 +310,7 @@ async fn a_failing_health_path_removes_the_instance_after_the_threshold_and_pass
     ));
     let b_url = b.url();
     wait_for_first_probes(&gateway, Duration::from_secs(3)).await;
-    let report = health(&gateway).await;
+    let report = checked_health(&gateway).await;
     assert_eq!(report["status"], "ok");
     let entry = instance(&report, "pair", &b_url);
     assert_eq!(entry["healthy"], true);
@@ -424,7 +324,7 @@ async fn a_failing_health_path_removes_the_instance_after_the_threshold_and_pass
     let mut seen_failing_but_healthy = false;
     let mut checked_traffic_while_failing = false;
     let flipped = eventually(Duration::from_secs(6), async || {
-        let report = health(&gateway).await;
+        let report = checked_health(&gateway).await;
         let entry = instance(&report, "pair", &b_url);
         let count = failures(entry);
         assert_eq!(
@@ -438,7 +338,7 @@ async fn a_failing_health_path_removes_the_instance_after_the_threshold_and_pass
             if !checked_traffic_while_failing {
                 let before = b.hits();
                 answered_by(&gateway, "/api/pair", 4, Connections::FreshPerRequest).await;
-                let still_below = failures(instance(&health(&gateway).await, "pair", &b_url)) < 3;
+                let still_below = failures(instance(&checked_health(&gateway).await, "pair", &b_url)) < 3;
                 if still_below {
                     checked_traffic_while_failing = true;
                     assert_eq!(b.hits() - before, 2, "one failed probe does not take b out of rotation");
@@ -455,7 +355,7 @@ async fn a_failing_health_path_removes_the_instance_after_the_threshold_and_pass
     );
     assert!(checked_traffic_while_failing);
 
-    let report = health(&gateway).await;
+    let report = checked_health(&gateway).await;
     let entry = instance(&report, "pair", &b_url);
     assert_eq!(entry["healthy"], false);
     assert!(failures(entry) >= 3, "{entry}");
@@ -477,7 +377,7 @@ async fn a_failing_health_path_removes_the_instance_after_the_threshold_and_pass
     // One passing probe resets the failures but is not enough (threshold 2).
     let mut seen_passing_but_unhealthy = false;
     let recovered = eventually(Duration::from_secs(6), async || {
-        let report = health(&gateway).await;
+        let report = checked_health(&gateway).await;
         let entry = instance(&report, "pair", &b_url);
         if !is_healthy(entry) && failures(entry) == 0 {
             seen_passing_but_unhealthy = true;
@@ -491,7 +391,7 @@ async fn a_failing_health_path_removes_the_instance_after_the_threshold_and_pass
         seen_passing_but_unhealthy,
         "b stayed out after a single passing probe (healthy_threshold = 2)"
     );
-    let entry = instance(&health(&gateway).await, "pair", &b_url).clone();
+    let entry = instance(&checked_health(&gateway).await, "pair", &b_url).clone();
     assert_eq!(entry["consecutive_failures"], 0);
     assert_eq!(entry["error"], Value::Null);
 
@@ -510,7 +410,7 @@ async fn health_reports_ok_degraded_and_down_and_no_healthy_instance_means_503()
     ));
     wait_for_first_probes(&gateway, Duration::from_secs(3)).await;
 
-    let report = health(&gateway).await;
+    let report = checked_health(&gateway).await;
     assert_eq!(report["status"], "ok");
     assert_eq!(keys(&report["services"]), ["alpha", "beta"]);
     let alpha: Vec<&Value> = report["services"]["alpha"]["instances"]
@@ -531,12 +431,9 @@ async fn health_reports_ok_degraded_and_down_and_no_healthy_instance_means_503()
 
     // beta's only instance fails its probes: beta is down, the gateway degraded.
     b1.set_health(503);
-    let degraded = eventually(Duration::from_secs(5), async || {
-        health(&gateway).await["status"] == "degraded"
-    })
-    .await;
+    let degraded = overall_status_becomes(&gateway, "degraded").await;
     assert!(degraded, "one service without a healthy instance: degraded");
-    let report = health(&gateway).await;
+    let report = checked_health(&gateway).await;
     assert_eq!(report["services"]["beta"]["status"], "unhealthy");
     assert_eq!(report["services"]["alpha"]["status"], "healthy");
     let entry = instance(&report, "beta", &b1.url());
@@ -554,12 +451,9 @@ async fn health_reports_ok_degraded_and_down_and_no_healthy_instance_means_503()
     // Every service without a healthy instance: down.
     a1.set_health(500);
     a2.set_health(500);
-    let down = eventually(Duration::from_secs(5), async || {
-        health(&gateway).await["status"] == "down"
-    })
-    .await;
+    let down = overall_status_becomes(&gateway, "down").await;
     assert!(down, "no service with a healthy instance: down");
-    let report = health(&gateway).await;
+    let report = checked_health(&gateway).await;
     assert_eq!(report["services"]["alpha"]["status"], "unhealthy");
     assert_eq!(report["services"]["beta"]["status"], "unhealthy");
     let before = hits(&[&a1, &a2]);
@@ -570,10 +464,7 @@ async fn health_reports_ok_degraded_and_down_and_no_healthy_instance_means_503()
     for upstream in [&a1, &a2, &b1] {
         upstream.set_health(200);
     }
-    let ok = eventually(Duration::from_secs(5), async || {
-        health(&gateway).await["status"] == "ok"
-    })
-    .await;
+    let ok = overall_status_becomes(&gateway, "ok").await;
     assert!(ok, "every service healthy again: ok");
     assert_eq!(get(&gateway.url("/api/alpha/1")).await.status, 200);
     assert_eq!(get(&gateway.url("/api/beta/1")).await.status, 200);
@@ -581,14 +472,14 @@ async fn health_reports_ok_degraded_and_down_and_no_healthy_instance_means_503()
 
 #[actix_web::test]
 async fn an_instance_not_yet_probed_shows_null_last_check_and_response_time() {
-    let silent = SilentInstance::start();
+    let silent = RawInstance::start(Behaviour::Hold);
     let upstream = Upstream::start("up");
     let gateway = TestGateway::start(&format!(
         "[health]\ninterval_ms = 60000\ntimeout_ms = 2000\n{}",
         service("hanging", &[silent.url(), upstream.url()]),
     ));
 
-    let report = health(&gateway).await;
+    let report = checked_health(&gateway).await;
     let entry = instance(&report, "hanging", &silent.url());
     assert_eq!(entry["last_check"], Value::Null, "{entry}");
     assert_eq!(entry["response_time_ms"], Value::Null, "{entry}");
@@ -599,11 +490,11 @@ async fn an_instance_not_yet_probed_shows_null_last_check_and_response_time() {
 
     // The probe gives up after timeout_ms; one failure is below the threshold.
     let probed = eventually(Duration::from_secs(6), async || {
-        !instance(&health(&gateway).await, "hanging", &silent.url())["last_check"].is_null()
+        !instance(&checked_health(&gateway).await, "hanging", &silent.url())["last_check"].is_null()
     })
     .await;
     assert!(probed, "the hanging probe times out and is reported");
-    let entry = instance(&health(&gateway).await, "hanging", &silent.url()).clone();
+    let entry = instance(&checked_health(&gateway).await, "hanging", &silent.url()).clone();
     assert_eq!(entry["consecutive_failures"], 1, "{entry}");
     assert_eq!(entry["healthy"], true, "{entry}");
     assert!(entry["error"].is_string(), "{entry}");
@@ -615,7 +506,7 @@ async fn a_hanging_instance_does_not_delay_the_probes_of_the_others() {
     // SPEC §6: every instance is probed each interval_ms, concurrently, each
     // bounded by its own timeout_ms. One black-holed instance must not hold
     // back the verdict on the others for its whole timeout.
-    let silent = SilentInstance::start();
+    let silent = RawInstance::start(Behaviour::Hold);
     let upstream = Upstream::start("up");
     let gateway = TestGateway::start(&format!(
         "[health]\ninterval_ms = 100\ntimeout_ms = 2000\nunhealthy_threshold = 2\n{}{}",
@@ -625,7 +516,7 @@ async fn a_hanging_instance_does_not_delay_the_probes_of_the_others() {
     upstream.set_health(500);
     let started = Instant::now();
     let detected = eventually(Duration::from_secs(8), async || {
-        !is_healthy(instance(&health(&gateway).await, "fine", &upstream.url()))
+        !is_healthy(instance(&checked_health(&gateway).await, "fine", &upstream.url()))
     })
     .await;
     let took = started.elapsed();
@@ -660,7 +551,7 @@ async fn a_body_less_get_is_retried_on_the_next_instance_when_one_refuses() {
         assert_eq!(reply.header("x-upstream-instance"), Some("live"));
     }
     assert_eq!(live.hits(), 10);
-    let report = health(&gateway).await;
+    let report = checked_health(&gateway).await;
     assert_eq!(
         instance(&report, "mixed", &refused)["healthy"],
         true,
@@ -671,7 +562,7 @@ async fn a_body_less_get_is_retried_on_the_next_instance_when_one_refuses() {
 #[actix_web::test]
 async fn a_body_less_get_reset_before_the_response_head_is_retried() {
     let live = Upstream::start("live");
-    let closing = ClosingInstance::start();
+    let closing = RawInstance::start(Behaviour::CloseAfter(Duration::ZERO));
     let gateway = TestGateway::start(&format!(
         "{RETRY_ONLY_HEALTH}{}",
         service("mixed", &[closing.url(), live.url()]),
@@ -721,7 +612,7 @@ async fn a_request_with_a_body_is_not_retried() {
 #[actix_web::test]
 async fn a_request_with_a_body_reset_by_the_instance_is_not_retried() {
     let live = Upstream::start("live");
-    let closing = ClosingInstance::start();
+    let closing = RawInstance::start(Behaviour::CloseAfter(Duration::ZERO));
     let gateway = TestGateway::start(&format!(
         "{RETRY_ONLY_HEALTH}{}",
         service("mixed", &[closing.url(), live.url()]),
@@ -793,7 +684,7 @@ async fn a_stopped_instance_is_marked_unhealthy_by_failed_requests() {
     b.stop().await;
     let b_hits = b.hits();
     let mut sent = 0;
-    while is_healthy(instance(&health(&gateway).await, "pair", &b.url())) {
+    while is_healthy(instance(&checked_health(&gateway).await, "pair", &b.url())) {
         assert!(
             sent < 8,
             "b is still healthy after {sent} requests (passive_failures = 2)"
@@ -803,7 +694,7 @@ async fn a_stopped_instance_is_marked_unhealthy_by_failed_requests() {
         assert_eq!(reply.header("x-upstream-instance"), Some("a"));
         sent += 1;
     }
-    let entry = instance(&health(&gateway).await, "pair", &b.url()).clone();
+    let entry = instance(&checked_health(&gateway).await, "pair", &b.url()).clone();
     assert_eq!(entry["healthy"], false);
     assert!(
         entry["error"].as_str().is_some_and(|error| error.contains("passive")),
@@ -820,19 +711,19 @@ async fn a_stopped_instance_is_marked_unhealthy_by_failed_requests() {
 #[actix_web::test]
 async fn once_passively_marked_an_instance_is_not_tried_any_more() {
     let live = Upstream::start("live");
-    let closing = ClosingInstance::start();
+    let closing = RawInstance::start(Behaviour::CloseAfter(Duration::ZERO));
     let gateway = TestGateway::start(&format!(
         "{PASSIVE_HEALTH}{}",
         service("mixed", &[live.url(), closing.url()]),
     ));
     wait_for_first_probes(&gateway, Duration::from_secs(3)).await;
     let mut sent = 0;
-    while is_healthy(instance(&health(&gateway).await, "mixed", &closing.url())) {
+    while is_healthy(instance(&checked_health(&gateway).await, "mixed", &closing.url())) {
         assert!(sent < 8, "still healthy after {sent} requests");
         assert_eq!(get(&gateway.url("/api/mixed/x")).await.status, 200);
         sent += 1;
     }
-    let entry = instance(&health(&gateway).await, "mixed", &closing.url()).clone();
+    let entry = instance(&checked_health(&gateway).await, "mixed", &closing.url()).clone();
     assert!(
         entry["error"].as_str().is_some_and(|error| error.contains("passive")),
         "{entry}"

@@ -30,69 +30,6 @@ fn one_service_behind_trusted_proxies(upstream: &Upstream) -> String {
     )
 }
 
-/// Every value the upstream saw for `name`, in order.
-fn values<'a>(seen: &'a SeenRequest, name: &str) -> Vec<&'a str> {
-    seen.headers
-        .get(name)
-        .map(|values| values.iter().map(String::as_str).collect())
-        .unwrap_or_default()
-}
-
-/// True for a lower-case hyphenated UUID such as the gateway generates.
-fn is_uuid(text: &str) -> bool {
-    text.len() == 36
-        && text.char_indices().all(|(index, c)| match index {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        })
-}
-
-/// The status line and headers of a raw HTTP/1.1 response.
-struct RawHead {
-    status: u16,
-    /// Lower-cased names, in order.
-    headers: Vec<(String, String)>,
-}
-
-impl RawHead {
-    fn parse(response: &str) -> Self {
-        let head = response
-            .split("\r\n\r\n")
-            .next()
-            .filter(|head| !head.is_empty())
-            .unwrap_or_else(|| panic!("no response head in {response:?}"));
-        let mut lines = head.split("\r\n");
-        let status = lines
-            .next()
-            .and_then(|line| line.split(' ').nth(1))
-            .and_then(|code| code.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in {response:?}"));
-        let headers = lines
-            .filter_map(|line| line.split_once(':'))
-            .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
-            .collect();
-        Self { status, headers }
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(header, _)| header == name)
-            .map(|(_, value)| value.as_str())
-    }
-}
-
-/// Sends `head` (lines without the final blank line) and reads the answer
-/// until the gateway closes the connection (the request says `close`).
-fn raw_request(gateway: &TestGateway, head: &[&str]) -> RawHead {
-    let request = format!("{}\r\n\r\n", head.join("\r\n"));
-    RawHead::parse(&raw_exchange(
-        gateway.address,
-        request.as_bytes(),
-        Duration::from_secs(10),
-    ))
-}
-
 // Step 7: hop-by-hop headers.
 
 #[actix_web::test]
@@ -510,30 +447,9 @@ async fn hop_by_hop_headers_of_the_upstream_response_are_not_returned() {
 
 // Step 8 and the security headers.
 
-const HELMET: [(&str, &str); 12] = [
-    (
-        "content-security-policy",
-        "default-src 'self';base-uri 'self';font-src 'self' https: data:;form-action 'self';frame-ancestors 'self';img-src 'self' data:;object-src 'none';script-src 'self';script-src-attr 'none';style-src 'self' https: 'unsafe-inline';upgrade-insecure-requests",
-    ),
-    ("cross-origin-opener-policy", "same-origin"),
-    ("cross-origin-resource-policy", "same-origin"),
-    ("origin-agent-cluster", "?1"),
-    ("referrer-policy", "no-referrer"),
-    (
-        "strict-transport-security",
-        "max-age=31536000; includeSubDomains",
-    ),
-    ("x-content-type-options", "nosniff"),
-    ("x-dns-prefetch-control", "off"),
-    ("x-download-options", "noopen"),
-    ("x-frame-options", "SAMEORIGIN"),
-    ("x-permitted-cross-domain-policies", "none"),
-    ("x-xss-protection", "0"),
-];
-
 /// Every helmet header exactly once, except those in `upstream_own`.
 fn assert_security_headers(reply: &Reply, what: &str, upstream_own: &[&str]) {
-    for (name, value) in HELMET {
+    for (name, value) in SECURITY_HEADERS {
         if upstream_own.contains(&name) {
             continue;
         }
@@ -592,14 +508,6 @@ struct RssSampler {
     thread: std::thread::JoinHandle<usize>,
 }
 
-fn rss_of(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 impl RssSampler {
     fn start(pid: u32) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
@@ -608,7 +516,7 @@ impl RssSampler {
         let thread = std::thread::spawn(move || {
             let mut samples = 0;
             while !stop_flag.load(Ordering::SeqCst) {
-                if let Some(rss) = rss_of(pid) {
+                if let Some(rss) = rss_kib_of(pid) {
                     peak_seen.fetch_max(rss, Ordering::SeqCst);
                     samples += 1;
                 }

@@ -18,25 +18,6 @@ const CLOSED_WITHIN: Duration = Duration::from_secs(3);
 
 const BAD_REQUEST: &str = r#"{"error":"Bad request"}"#;
 
-/// helmet's defaults, as SPEC §3 lists them.
-const SECURITY_HEADERS: [(&str, &str); 12] = [
-    (
-        "content-security-policy",
-        "default-src 'self';base-uri 'self';font-src 'self' https: data:;form-action 'self';frame-ancestors 'self';img-src 'self' data:;object-src 'none';script-src 'self';script-src-attr 'none';style-src 'self' https: 'unsafe-inline';upgrade-insecure-requests",
-    ),
-    ("cross-origin-opener-policy", "same-origin"),
-    ("cross-origin-resource-policy", "same-origin"),
-    ("origin-agent-cluster", "?1"),
-    ("referrer-policy", "no-referrer"),
-    ("strict-transport-security", "max-age=31536000; includeSubDomains"),
-    ("x-content-type-options", "nosniff"),
-    ("x-dns-prefetch-control", "off"),
-    ("x-download-options", "noopen"),
-    ("x-frame-options", "SAMEORIGIN"),
-    ("x-permitted-cross-domain-policies", "none"),
-    ("x-xss-protection", "0"),
-];
-
 /// One service `api` on `upstream`, one route on `prefix`, and extra
 /// `[server]` keys.
 fn config(upstream: &Upstream, prefix: &str, server: &str) -> String {
@@ -842,14 +823,6 @@ async fn the_head_timeout_does_not_cut_a_slow_upstream() {
 }
 
 // --- the gateway's own errors -------------------------------------------
-
-fn is_uuid(text: &str) -> bool {
-    text.len() == 36
-        && text.chars().enumerate().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        })
-}
 
 #[test]
 fn the_gateways_own_errors_carry_the_security_headers_and_a_request_id() {

@@ -7,101 +7,14 @@
 //! policies, and `rediss://` in the config.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
-
-use serde_json::Value;
 
 use crate::helpers::*;
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// A `[server]` table with `workers` HTTP workers on a free loopback port.
-fn server(workers: usize) -> String {
-    format!("[server]\nlisten = \"127.0.0.1:0\"\nworkers = {workers}\n")
-}
-
-/// Service `name` with `urls`, behind the route `prefix` (also named `name`).
-fn service_at(name: &str, prefix: &str, urls: &[String]) -> String {
-    let urls: Vec<String> = urls.iter().map(|url| format!("{url:?}")).collect();
-    format!(
-        "[services.{name}]\ninstances = [{}]\n[routes.{name}]\nprefix = \"{prefix}\"\nservice = \"{name}\"\n",
-        urls.join(", ")
-    )
-}
-
-/// Every value the upstream saw for `name`, in order.
-fn values<'a>(seen: &'a SeenRequest, name: &str) -> Vec<&'a str> {
-    seen.headers
-        .get(name)
-        .map(|values| values.iter().map(String::as_str).collect())
-        .unwrap_or_default()
-}
-
-/// True for a lower-case hyphenated UUID such as the gateway generates.
-fn is_uuid(text: &str) -> bool {
-    text.len() == 36
-        && text.char_indices().all(|(index, c)| match index {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        })
-}
-
-/// The status line, headers and body of a raw HTTP/1.1 response.
-struct RawReply {
-    status: u16,
-    /// Lower-cased names, in order.
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl RawReply {
-    fn parse(response: &str) -> Self {
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .filter(|(head, _)| !head.is_empty())
-            .unwrap_or_else(|| panic!("no response head in {response:?}"));
-        let mut lines = head.split("\r\n");
-        let status = lines
-            .next()
-            .and_then(|line| line.split(' ').nth(1))
-            .and_then(|code| code.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in {response:?}"));
-        let headers = lines
-            .filter_map(|line| line.split_once(':'))
-            .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
-            .collect();
-        Self {
-            status,
-            headers,
-            body: body.to_owned(),
-        }
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(header, _)| header == name)
-            .map(|(_, value)| value.as_str())
-    }
-}
-
-/// Sends `head` (lines without the final blank line) and reads the answer
-/// until the gateway closes the connection (the request says `close`).
-fn raw_request(gateway: &TestGateway, head: &[&str]) -> RawReply {
-    let request = format!("{}\r\n\r\n", head.join("\r\n"));
-    RawReply::parse(&raw_exchange(
-        gateway.address,
-        request.as_bytes(),
-        Duration::from_secs(10),
-    ))
-}
 
 /// What a client that stalled its upload saw.
 #[derive(Debug)]
@@ -153,224 +66,13 @@ fn read_one_response(stream: &mut TcpStream, limit: Duration) -> StalledOutcome 
     }
 }
 
-/// `GET /health`, which is always 200 and JSON.
-async fn health(gateway: &TestGateway) -> Value {
-    let reply = get(&gateway.url("/health")).await;
-    assert_eq!(reply.status, 200, "/health is 200 whatever the state");
-    reply.json()
-}
-
-/// The `/health` entry of the instance `url` of `service`.
-fn instance<'a>(report: &'a Value, service: &str, url: &str) -> &'a Value {
-    report["services"][service]["instances"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no service {service} in {report}"))
-        .iter()
-        .find(|instance| instance["url"] == url)
-        .unwrap_or_else(|| panic!("no instance {url} of {service} in {report}"))
-}
-
-/// How a [`RawInstance`] treats each connection once it has read the head.
-#[derive(Clone, Copy)]
-enum Behaviour {
-    /// Waits, then closes without a byte of response: a reset before the head.
-    CloseAfter(Duration),
-    /// Keeps the connection open and never answers.
-    Hold,
-}
-
-/// An instance on a raw loopback listener that accepts every connection on a
-/// thread of its own, reads the request head and then behaves as told.
-/// Counts the requests other than health probes.
-struct RawInstance {
-    address: SocketAddr,
-    requests: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-}
-
-impl RawInstance {
-    fn start(behaviour: Behaviour) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let address = listener.local_addr().unwrap();
-        let requests = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (counter, stopped) = (requests.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stopped.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let (counter, stopped) = (counter.clone(), stopped.clone());
-                        std::thread::spawn(move || serve_raw(stream, behaviour, &counter, &stopped));
-                    }
-                    Err(err) if err.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    Err(_) => break,
-                }
-            }
-        });
-        Self {
-            address,
-            requests,
-            stop,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    /// Proxied requests (not probes) whose head reached this instance.
-    fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for RawInstance {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-fn serve_raw(mut stream: TcpStream, behaviour: Behaviour, counter: &AtomicUsize, stopped: &AtomicBool) {
-    stream.set_nonblocking(false).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut head = Vec::new();
-    let mut buffer = [0u8; 4096];
-    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
-        match stream.read(&mut buffer) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => head.extend_from_slice(&buffer[..n]),
-        }
-    }
-    if !head.is_empty() && !head.starts_with(b"GET /health ") {
-        counter.fetch_add(1, Ordering::SeqCst);
-    }
-    match behaviour {
-        Behaviour::CloseAfter(wait) => std::thread::sleep(wait),
-        Behaviour::Hold => {
-            let until = Instant::now() + Duration::from_secs(30);
-            while !stopped.load(Ordering::SeqCst) && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-    drop(stream);
-}
-
-// ---------------------------------------------------------------------------
-// A real Redis (as in rate_limits.rs)
-// ---------------------------------------------------------------------------
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A `redis-server` child process on a loopback port of its own, without
-/// persistence, killed when dropped.
-struct RedisServer {
-    port: u16,
-    child: Option<std::process::Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    /// Starts on a free port and waits until it answers PING.
-    fn start() -> Self {
-        for _ in 0..5 {
-            let dir = tempfile::tempdir().unwrap();
-            let port = free_port();
-            let mut child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server is installed");
-            let mut server = Self {
-                port,
-                child: None,
-                _dir: dir,
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if server.answers_ping() {
-                    server.child = Some(child);
-                    return server;
-                }
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("redis-server did not start on a free port");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// A raw `PING` over TCP.
-    fn answers_ping(&self) -> bool {
-        let address: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        if stream.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut reply = [0u8; 7];
-        stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
-    }
-
-    /// `redis-cli -p PORT args…`, its output trimmed (one connection each).
-    fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new("redis-cli")
-            .arg("-p")
-            .arg(self.port.to_string())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("redis-cli is installed");
-        assert!(output.status.success(), "redis-cli {args:?}: {output:?}");
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
-    }
-
-    /// `total_connections_received` of `INFO stats` (this call's included).
-    fn connections_received(&self) -> u64 {
-        self.cli(&["info", "stats"])
-            .lines()
-            .find_map(|line| line.strip_prefix("total_connections_received:"))
-            .and_then(|value| value.trim().parse().ok())
-            .expect("total_connections_received in INFO stats")
-    }
-
-    /// The `calls` of `cmdstat_<command>` in `INFO commandstats`; 0 if absent.
-    fn calls(&self, command: &str) -> u64 {
-        let prefix = format!("cmdstat_{command}:");
-        self.cli(&["info", "commandstats"])
-            .lines()
-            .find_map(|line| line.strip_prefix(prefix.as_str()))
-            .and_then(|stats| stats.split(',').find_map(|field| field.strip_prefix("calls=")))
-            .map_or(0, |calls| calls.parse().unwrap())
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// A one-worker gateway with the service `api` on `upstream` behind `/api`.
+fn api_gateway(upstream: &Upstream) -> TestGateway {
+    TestGateway::start(&format!(
+        "{}{}",
+        server(1),
+        service_at("api", "/api", &[upstream.url()])
+    ))
 }
 
 // ---------------------------------------------------------------------------
@@ -400,7 +102,7 @@ async fn a_client_that_stalls_its_upload_gets_504_and_does_not_make_the_instance
         let took = started.elapsed();
         match &outcome {
             StalledOutcome::Answered(response) => {
-                let reply = RawReply::parse(response);
+                let reply = RawResponse::parse(response);
                 assert_eq!(reply.status, 504, "round {round}: {response:?}");
                 assert_eq!(reply.body, r#"{"error":"Gateway timeout","service":"api"}"#);
             }
@@ -567,11 +269,7 @@ async fn an_invented_method_is_counted_as_other_in_the_metrics() {
 #[actix_web::test]
 async fn underscore_spellings_of_the_gateways_own_headers_never_reach_the_upstream() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&format!(
-        "{}{}",
-        server(1),
-        service_at("api", "/api", &[upstream.url()])
-    ));
+    let gateway = api_gateway(&upstream);
 
     let reply = raw_request(
         &gateway,
@@ -622,11 +320,7 @@ async fn underscore_spellings_of_the_gateways_own_headers_never_reach_the_upstre
 #[actix_web::test]
 async fn x_forwarded_port_and_prefix_from_an_untrusted_peer_are_dropped() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&format!(
-        "{}{}",
-        server(1),
-        service_at("api", "/api", &[upstream.url()])
-    ));
+    let gateway = api_gateway(&upstream);
 
     let reply = raw_request(
         &gateway,
@@ -656,11 +350,7 @@ async fn x_forwarded_port_and_prefix_from_an_untrusted_peer_are_dropped() {
 #[actix_web::test]
 async fn an_explicit_content_length_zero_is_forwarded_and_a_body_less_get_gets_none() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&format!(
-        "{}{}",
-        server(1),
-        service_at("api", "/api", &[upstream.url()])
-    ));
+    let gateway = api_gateway(&upstream);
 
     let reply = raw_request(
         &gateway,
@@ -837,51 +527,6 @@ async fn redis_retry_after_waits_for_every_exhausted_policy() {
 // 9. rediss:// is refused at validation
 // ---------------------------------------------------------------------------
 
-/// Variables the binary reads besides the `GATEHOUSE__…` ones.
-const INHERITED_VARS: [&str; 13] = [
-    "GATEHOUSE_SETTINGS_DIR",
-    "GATEHOUSE_ENV",
-    "GATEHOUSE_LOG",
-    "GATEHOUSE_LOG_FORMAT",
-    "RUST_LOG",
-    "NO_COLOR",
-    "JWT_SECRET",
-    "REDIS_URL",
-    "USER_SERVICE_URL",
-    "PRODUCT_SERVICE_URL",
-    "ORDER_SERVICE_URL",
-    "ADMIN_SERVICE_URL",
-    "CLICOLOR_FORCE",
-];
-
-/// `gatehouse check-config` on `settings` with a clean environment plus
-/// `vars`: its exit code and stderr.
-fn check_config(settings: &Path, vars: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
-    for name in INHERITED_VARS {
-        command.env_remove(name);
-    }
-    for (name, _) in std::env::vars() {
-        if name.starts_with("GATEHOUSE__") {
-            command.env_remove(name);
-        }
-    }
-    let output = command
-        .arg("check-config")
-        .env("GATEHOUSE_SETTINGS_DIR", settings)
-        .env("GATEHOUSE_ENV", "test")
-        .envs(vars.iter().copied())
-        .current_dir(settings)
-        .stdin(Stdio::null())
-        .output()
-        .expect("the gatehouse binary runs");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn check_config_refuses_a_rediss_url_naming_rate_limit_redis_url() {
     let dir = settings_dir(&format!(
@@ -892,12 +537,19 @@ fn check_config_refuses_a_rediss_url_naming_rate_limit_redis_url() {
         free_port()
     ));
 
-    let (code, _, stderr) = check_config(dir.path(), &[]);
-    assert_eq!(code, Some(0), "the same config over redis:// is valid: {stderr}");
+    let run = run_gatehouse(dir.path(), Some("test"), &[], &["check-config"]);
+    assert_eq!(
+        run.code,
+        Some(0),
+        "the same config over redis:// is valid: {}",
+        run.stderr
+    );
 
-    let (code, stdout, stderr) = check_config(
+    let Finished { code, stdout, stderr } = run_gatehouse(
         dir.path(),
+        Some("test"),
         &[("GATEHOUSE__RATE_LIMIT__REDIS_URL", "rediss://127.0.0.1:6380")],
+        &["check-config"],
     );
     assert_eq!(code, Some(1), "rediss:// accepted; stdout: {stdout}\nstderr: {stderr}");
     assert!(

@@ -1,14 +1,16 @@
 //! Real parts for the integration tests: upstream HTTP servers on port 0, the
 //! gateway in process (its own actix System on its own thread) or as the
 //! real binary, an HTTP client that neither follows redirects nor
-//! decompresses, and a raw TCP client for malformed requests.
+//! decompresses, a raw TCP client for malformed requests, instances on raw
+//! sockets that close or never answer, a real `redis-server`, and the binary
+//! run to its end with a clean environment.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -266,10 +268,7 @@ pub fn instances(upstreams: &[&Upstream]) -> String {
 
 /// A free loopback port nobody listens on (bound, then released).
 pub fn closed_port_url() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    format!("http://127.0.0.1:{port}")
+    format!("http://127.0.0.1:{}", free_port())
 }
 
 /// Writes `toml` as the only layer (`default.toml`) of a fresh settings directory.
@@ -419,6 +418,16 @@ pub async fn eventually(limit: Duration, mut condition: impl AsyncFnMut() -> boo
     condition().await
 }
 
+/// Resident set size of process `pid` in KiB, from `/proc/<pid>/status`;
+/// `None` once it is gone.
+pub fn rss_kib_of(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// The real `gatehouse` binary, with its own settings directory.
 pub struct GatewayProcess {
     pub child: Child,
@@ -429,11 +438,7 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts the binary on a free port and waits until `/health` answers.
     pub fn start(toml: &str, env: &[(&str, &str)]) -> Self {
-        let port = {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
-        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let address: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let dir = settings_dir(&format!("[server]\nlisten = \"{address}\"\nworkers = 1\n{toml}"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
         command
@@ -469,12 +474,7 @@ impl GatewayProcess {
 
     /// Resident set size in KiB, from `/proc/<pid>/status`.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc status")
+        rss_kib_of(self.pid()).expect("VmRSS in /proc status")
     }
 
     pub fn signal(&self, signal: &str) {
@@ -506,4 +506,512 @@ impl Drop for GatewayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A free loopback port (bound, then released), for a server to take.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------
+
+/// A `[server]` table with `workers` HTTP workers on a free loopback port.
+pub fn server(workers: usize) -> String {
+    format!("[server]\nlisten = \"127.0.0.1:0\"\nworkers = {workers}\n")
+}
+
+/// Service `name` with `urls`, behind the route `prefix` (also named `name`).
+pub fn service_at(name: &str, prefix: &str, urls: &[String]) -> String {
+    let urls: Vec<String> = urls.iter().map(|url| format!("{url:?}")).collect();
+    format!(
+        "[services.{name}]\ninstances = [{}]\n[routes.{name}]\nprefix = \"{prefix}\"\nservice = \"{name}\"\n",
+        urls.join(", ")
+    )
+}
+
+/// helmet's defaults, as SPEC §3 lists them.
+pub const SECURITY_HEADERS: [(&str, &str); 12] = [
+    (
+        "content-security-policy",
+        "default-src 'self';base-uri 'self';font-src 'self' https: data:;form-action 'self';frame-ancestors 'self';img-src 'self' data:;object-src 'none';script-src 'self';script-src-attr 'none';style-src 'self' https: 'unsafe-inline';upgrade-insecure-requests",
+    ),
+    ("cross-origin-opener-policy", "same-origin"),
+    ("cross-origin-resource-policy", "same-origin"),
+    ("origin-agent-cluster", "?1"),
+    ("referrer-policy", "no-referrer"),
+    ("strict-transport-security", "max-age=31536000; includeSubDomains"),
+    ("x-content-type-options", "nosniff"),
+    ("x-dns-prefetch-control", "off"),
+    ("x-download-options", "noopen"),
+    ("x-frame-options", "SAMEORIGIN"),
+    ("x-permitted-cross-domain-policies", "none"),
+    ("x-xss-protection", "0"),
+];
+
+// ---------------------------------------------------------------------------
+// What the upstream saw, what the client got
+// ---------------------------------------------------------------------------
+
+/// Every value the upstream saw for `name`, in order.
+pub fn values<'a>(seen: &'a SeenRequest, name: &str) -> Vec<&'a str> {
+    seen.headers
+        .get(name)
+        .map(|values| values.iter().map(String::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// True for a lower-case hyphenated UUID such as the gateway generates.
+pub fn is_uuid(text: &str) -> bool {
+    text.len() == 36
+        && text.char_indices().all(|(index, c)| match index {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// The status line, headers and body of a raw HTTP/1.1 response.
+pub struct RawResponse {
+    pub status: u16,
+    /// Lower-cased names, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn parse(response: &str) -> Self {
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .filter(|(head, _)| !head.is_empty())
+            .unwrap_or_else(|| panic!("no response head in {response:?}"));
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|line| line.split(' ').nth(1))
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {response:?}"));
+        let headers = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+            .collect();
+        Self {
+            status,
+            headers,
+            body: body.to_owned(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(header, _)| header == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Sends `head` (lines without the final blank line) and reads the answer
+/// until the gateway closes the connection (the request says `close`).
+pub fn raw_request(gateway: &TestGateway, head: &[&str]) -> RawResponse {
+    let request = format!("{}\r\n\r\n", head.join("\r\n"));
+    RawResponse::parse(&raw_exchange(
+        gateway.address,
+        request.as_bytes(),
+        Duration::from_secs(10),
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// /health
+// ---------------------------------------------------------------------------
+
+/// `GET /health`, which is always 200 and JSON.
+pub async fn health(gateway: &TestGateway) -> serde_json::Value {
+    let reply = health_reply(gateway).await;
+    reply.json()
+}
+
+/// `GET /health`, asserted to be 200, read whole.
+pub async fn health_reply(gateway: &TestGateway) -> Reply {
+    let reply = get(&gateway.url("/health")).await;
+    assert_eq!(reply.status, 200, "/health is 200 whatever the state");
+    reply
+}
+
+/// The `/health` entry of the instance `url` of `service`.
+pub fn instance<'a>(report: &'a serde_json::Value, service: &str, url: &str) -> &'a serde_json::Value {
+    report["services"][service]["instances"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no service {service} in {report}"))
+        .iter()
+        .find(|instance| instance["url"] == url)
+        .unwrap_or_else(|| panic!("no instance {url} of {service} in {report}"))
+}
+
+// ---------------------------------------------------------------------------
+// Instances that misbehave on a raw socket
+// ---------------------------------------------------------------------------
+
+/// How a [`RawInstance`] treats each connection once it has read the head.
+#[derive(Clone, Copy)]
+pub enum Behaviour {
+    /// Waits, then closes without a byte of response: a reset before the head.
+    CloseAfter(Duration),
+    /// Keeps the connection open and never answers.
+    Hold,
+}
+
+/// An instance on a raw loopback listener that accepts every connection on a
+/// thread of its own, reads the request head and then behaves as told.
+/// Counts the requests other than health probes.
+pub struct RawInstance {
+    pub address: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RawInstance {
+    pub fn start(behaviour: Behaviour) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let address = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (counter, stopped) = (requests.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (counter, stopped) = (counter.clone(), stopped.clone());
+                        std::thread::spawn(move || serve_raw(stream, behaviour, &counter, &stopped));
+                    }
+                    Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        Self {
+            address,
+            requests,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Proxied requests (not probes) whose head reached this instance.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RawInstance {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn serve_raw(mut stream: TcpStream, behaviour: Behaviour, counter: &AtomicUsize, stopped: &AtomicBool) {
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buffer[..n]),
+        }
+    }
+    if !head.is_empty() && !head.starts_with(b"GET /health ") {
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
+    match behaviour {
+        Behaviour::CloseAfter(wait) => std::thread::sleep(wait),
+        Behaviour::Hold => {
+            let until = Instant::now() + Duration::from_secs(30);
+            while !stopped.load(Ordering::SeqCst) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    drop(stream);
+}
+
+// ---------------------------------------------------------------------------
+// A real Redis
+// ---------------------------------------------------------------------------
+
+/// A `redis-server` child process on a loopback port of its own, without
+/// persistence, killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts on a free port and waits until it answers PING.
+    pub fn start() -> Self {
+        for _ in 0..5 {
+            let mut server = Self {
+                port: free_port(),
+                child: None,
+                dir: tempfile::tempdir().unwrap(),
+            };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on a free port");
+    }
+
+    /// Spawns on `self.port`; false if it exited (port taken) or never answered.
+    fn spawn(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.answers_ping() {
+                self.child = Some(child);
+                return true;
+            }
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A raw `PING` over TCP.
+    pub fn answers_ping(&self) -> bool {
+        let address: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        if stream.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut reply = [0u8; 7];
+        stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+    }
+
+    /// SIGKILL: no goodbye to the gateways' connections, no save.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills it if it runs, then starts it again, empty, on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server runs");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} redis-server");
+    }
+
+    /// SIGSTOP: connections are accepted by the kernel but nothing answers.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    /// `redis-cli -p PORT args…`, its output trimmed (one connection each).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli is installed");
+        assert!(output.status.success(), "redis-cli {args:?}: {output:?}");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// The keys under `prefix`, sorted.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .cli(&["--raw", "keys", &format!("{prefix}:*")])
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(str::to_owned)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    pub fn zcard(&self, key: &str) -> u64 {
+        self.cli(&["--raw", "zcard", key]).parse().unwrap()
+    }
+
+    pub fn pttl(&self, key: &str) -> i64 {
+        self.cli(&["--raw", "pttl", key]).parse().unwrap()
+    }
+
+    /// `total_connections_received` of `INFO stats` (this call's included).
+    pub fn connections_received(&self) -> u64 {
+        self.cli(&["info", "stats"])
+            .lines()
+            .find_map(|line| line.strip_prefix("total_connections_received:"))
+            .and_then(|value| value.trim().parse().ok())
+            .expect("total_connections_received in INFO stats")
+    }
+
+    /// The `calls` of `cmdstat_<command>` in `INFO commandstats`; 0 if absent.
+    pub fn calls(&self, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:");
+        self.cli(&["info", "commandstats"])
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|stats| stats.split(',').find_map(|field| field.strip_prefix("calls=")))
+            .map_or(0, |calls| calls.parse().unwrap())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A frozen server ignores SIGKILL until continued on some systems.
+            let _ = Command::new("kill").arg("-CONT").arg(child.id().to_string()).status();
+        }
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The binary, run to its end
+// ---------------------------------------------------------------------------
+
+/// Variables the binary reads besides the `GATEHOUSE__…` ones.
+pub const INHERITED_VARS: [&str; 13] = [
+    "GATEHOUSE_SETTINGS_DIR",
+    "GATEHOUSE_ENV",
+    "GATEHOUSE_LOG",
+    "GATEHOUSE_LOG_FORMAT",
+    "RUST_LOG",
+    "NO_COLOR",
+    "JWT_SECRET",
+    "REDIS_URL",
+    "USER_SERVICE_URL",
+    "PRODUCT_SERVICE_URL",
+    "ORDER_SERVICE_URL",
+    "ADMIN_SERVICE_URL",
+    "CLICOLOR_FORCE",
+];
+
+/// A command for the binary with a clean environment: `settings` as the
+/// settings directory (and working directory), `environment` as
+/// `GATEHOUSE_ENV` (`None`: unset).
+pub fn gatehouse_command(settings: &Path, environment: Option<&str>) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
+    for name in INHERITED_VARS {
+        command.env_remove(name);
+    }
+    for (name, _) in std::env::vars() {
+        if name.starts_with("GATEHOUSE__") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .env("GATEHOUSE_SETTINGS_DIR", settings)
+        .current_dir(settings)
+        .stdin(Stdio::null());
+    if let Some(environment) = environment {
+        command.env("GATEHOUSE_ENV", environment);
+    }
+    command
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    pub fn both(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `command` to its end; kills it (and fails) after `limit`.
+pub fn finish(mut command: Command, limit: Duration) -> Finished {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the gatehouse binary starts");
+    let pid = child.id();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(child.wait_with_output());
+    });
+    let output = match receiver.recv_timeout(limit) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            let output = receiver.recv().unwrap().unwrap();
+            panic!(
+                "gatehouse did not exit within {limit:?}; stdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    };
+    Finished {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// `gatehouse <args>` with a clean environment plus `vars`, run to its end
+/// (20 s at most).
+pub fn run_gatehouse(settings: &Path, environment: Option<&str>, vars: &[(&str, &str)], args: &[&str]) -> Finished {
+    let mut command = gatehouse_command(settings, environment);
+    command.args(args).envs(vars.iter().copied());
+    finish(command, Duration::from_secs(20))
 }

@@ -6,6 +6,7 @@ mod forwarding;
 mod framing;
 mod hardening;
 mod helpers;
+mod metrics;
 mod process;
 mod rate_limits;
 mod routing;

@@ -13,99 +13,8 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::*;
 
-/// Variables the binary reads besides the `GATEHOUSE__…` ones.
-const INHERITED_VARS: [&str; 13] = [
-    "GATEHOUSE_SETTINGS_DIR",
-    "GATEHOUSE_ENV",
-    "GATEHOUSE_LOG",
-    "GATEHOUSE_LOG_FORMAT",
-    "RUST_LOG",
-    "NO_COLOR",
-    "JWT_SECRET",
-    "REDIS_URL",
-    "USER_SERVICE_URL",
-    "PRODUCT_SERVICE_URL",
-    "ORDER_SERVICE_URL",
-    "ADMIN_SERVICE_URL",
-    "CLICOLOR_FORCE",
-];
-
 /// A 40-byte HS secret.
 const SECRET_40: &str = "s3cr3t-0123456789-abcdefghij-0123456789x";
-
-/// A command for the binary with a clean environment: `settings` as the
-/// settings directory, `environment` as `GATEHOUSE_ENV` (`None`: unset).
-fn gatehouse(settings: &Path, environment: Option<&str>) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
-    for name in INHERITED_VARS {
-        command.env_remove(name);
-    }
-    for (name, _) in std::env::vars() {
-        if name.starts_with("GATEHOUSE__") {
-            command.env_remove(name);
-        }
-    }
-    command
-        .env("GATEHOUSE_SETTINGS_DIR", settings)
-        .current_dir(settings)
-        .stdin(Stdio::null());
-    if let Some(environment) = environment {
-        command.env("GATEHOUSE_ENV", environment);
-    }
-    command
-}
-
-/// What a finished command printed.
-#[derive(Debug)]
-struct Finished {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    fn both(&self) -> String {
-        format!("{}\n{}", self.stdout, self.stderr)
-    }
-}
-
-/// Runs `command` to its end; kills it (and fails) after `limit`.
-fn finish(mut command: Command, limit: Duration) -> Finished {
-    let child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the gatehouse binary starts");
-    let pid = child.id();
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = sender.send(child.wait_with_output());
-    });
-    let output = match receiver.recv_timeout(limit) {
-        Ok(output) => output.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
-            let output = receiver.recv().unwrap().unwrap();
-            panic!(
-                "gatehouse did not exit within {limit:?}; stdout: {}\nstderr: {}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-    };
-    Finished {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-/// `gatehouse <args>` with `vars` set, run to its end.
-fn run(settings: &Path, environment: Option<&str>, vars: &[(&str, &str)], args: &[&str]) -> Finished {
-    let mut command = gatehouse(settings, environment);
-    command.args(args).envs(vars.iter().copied());
-    finish(command, Duration::from_secs(20))
-}
 
 /// `gatehouse check-config`, which must succeed; its stdout parsed as TOML.
 fn effective(settings: &Path, environment: Option<&str>, vars: &[(&str, &str)]) -> toml::Table {
@@ -118,7 +27,7 @@ fn effective_with_args(
     vars: &[(&str, &str)],
     args: &[&str],
 ) -> toml::Table {
-    let finished = run(settings, environment, vars, args);
+    let finished = run_gatehouse(settings, environment, vars, args);
     assert_eq!(
         finished.code,
         Some(0),
@@ -188,10 +97,6 @@ fn write(dir: &Path, name: &str, contents: &str) -> std::path::PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Removes ANSI escape sequences (`ESC [ … final`).
 fn strip_ansi(text: &str) -> String {
     let mut plain = String::with_capacity(text.len());
@@ -220,7 +125,7 @@ fn strip_ansi(text: &str) -> String {
 #[test]
 fn check_config_prints_the_shipped_effective_config_as_toml() {
     let settings = shipped_settings();
-    let finished = run(settings.path(), Some("development"), &[], &["check-config"]);
+    let finished = run_gatehouse(settings.path(), Some("development"), &[], &["check-config"]);
     assert_eq!(finished.code, Some(0), "{}", finished.stderr);
     let config: toml::Table = finished.stdout.parse().expect("stdout is TOML");
 
@@ -265,7 +170,7 @@ fn check_config_prints_the_shipped_effective_config_as_toml() {
 #[test]
 fn check_config_never_prints_secrets() {
     let settings = shipped_settings();
-    let finished = run(
+    let finished = run_gatehouse(
         settings.path(),
         Some("development"),
         &[
@@ -292,7 +197,7 @@ fn check_config_never_prints_secrets() {
 
     // A user name and password given through REDIS_URL, and the secret
     // through the structured variable.
-    let finished = run(
+    let finished = run_gatehouse(
         settings.path(),
         Some("production"),
         &[
@@ -307,7 +212,7 @@ fn check_config_never_prints_secrets() {
     }
 
     // Nor when the configuration is refused.
-    let finished = run(
+    let finished = run_gatehouse(
         settings.path(),
         Some("production"),
         &[
@@ -459,7 +364,7 @@ fn config_is_accepted_before_and_after_the_subcommand() {
     );
 
     // A --config file that does not exist is an error naming it.
-    let finished = run(
+    let finished = run_gatehouse(
         dir,
         Some("development"),
         &[],
@@ -507,7 +412,7 @@ fn structured_variables_set_lists_numbers_booleans_and_addresses() {
 #[test]
 fn a_misspelt_variable_is_an_error_naming_the_key() {
     let layers = layered();
-    let finished = run(
+    let finished = run_gatehouse(
         layers.dir.path(),
         Some("development"),
         &[("GATEHOUSE__SERVER__LISTN", "127.0.0.1:9999")],
@@ -556,7 +461,7 @@ fn the_seed_variables_work() {
     // Without JWT_SECRET the secret is empty here; a short one is refused by name.
     let config = effective(dir, Some("development"), &[]);
     assert_eq!(str_at(&config, "auth.jwt_secret"), "");
-    let finished = run(dir, Some("development"), &[("JWT_SECRET", "short")], &["check-config"]);
+    let finished = run_gatehouse(dir, Some("development"), &[("JWT_SECRET", "short")], &["check-config"]);
     assert_eq!(finished.code, Some(1), "{finished:?}");
     assert!(finished.stderr.contains("auth.jwt_secret"), "{}", finished.stderr);
 }
@@ -585,7 +490,7 @@ fn a_structured_variable_beats_the_seed_variable_for_the_same_key() {
     assert_eq!(str_at(&config, "rate_limit.redis_url"), "redis://127.0.0.1:6400/4");
 
     // A short JWT_SECRET loses to a long GATEHOUSE__AUTH__JWT_SECRET.
-    let finished = run(
+    let finished = run_gatehouse(
         dir,
         Some("development"),
         &[("JWT_SECRET", "short"), ("GATEHOUSE__AUTH__JWT_SECRET", SECRET_40)],
@@ -614,7 +519,7 @@ instances = ["http://127.0.0.1:3001"]
 /// with every `expected` text on stderr.
 fn refused(dir: &Path, environment: &str, vars: &[(&str, &str)], expected: &[&str]) {
     for args in [&["serve"][..], &[][..], &["check-config"][..]] {
-        let finished = run(dir, Some(environment), vars, args);
+        let finished = run_gatehouse(dir, Some(environment), vars, args);
         assert_eq!(
             finished.code,
             Some(1),
@@ -674,7 +579,7 @@ fn a_route_under_the_reserved_paths_is_refused_by_name() {
     let dir = settings_file(&format!(
         "{ONE_SERVICE}[routes.all]\nprefix = \"/\"\nservice = \"user\"\n"
     ));
-    let finished = run(dir.path(), Some("test"), &[], &["check-config"]);
+    let finished = run_gatehouse(dir.path(), Some("test"), &[], &["check-config"]);
     assert_eq!(finished.code, Some(0), "{}", finished.stderr);
 }
 
@@ -717,7 +622,7 @@ fn an_auth_route_without_a_secret_in_production_is_refused_by_name() {
         &["auth.jwt_secret"],
     );
     // With one, production is fine.
-    let finished = run(
+    let finished = run_gatehouse(
         settings.path(),
         Some("production"),
         &[("JWT_SECRET", SECRET_40)],
@@ -887,7 +792,7 @@ async fn the_shipped_defaults_run_with_no_other_service() {
     let settings = shipped_settings();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut command = gatehouse(settings.path(), Some("development"));
+    let mut command = gatehouse_command(settings.path(), Some("development"));
     command.env("GATEHOUSE__SERVER__LISTEN", &listen);
     // The shipped instance ports may be taken by something else on this
     // machine (a demo, another test run): point those at closed ports so that
@@ -959,7 +864,7 @@ async fn serve_takes_config_before_and_after_the_subcommand() {
         let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let extra = write(dir.path(), "extra.toml", &format!("[server]\nlisten = \"{address}\"\n"));
         let extra = extra.to_str().unwrap();
-        let mut command = gatehouse(dir.path(), Some("test"));
+        let mut command = gatehouse_command(dir.path(), Some("test"));
         if before {
             command.args(["--config", extra]);
         } else {
@@ -978,7 +883,7 @@ fn serve_exits_1_naming_server_listen_when_the_port_is_taken() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap();
     let dir = settings_file(ONE_SERVICE);
-    let finished = run(
+    let finished = run_gatehouse(
         dir.path(),
         Some("test"),
         &[("GATEHOUSE__SERVER__LISTEN", &address.to_string())],
@@ -1116,7 +1021,7 @@ fn logging_gateway(upstream: &Upstream, format: Option<&str>) -> (Spawned, tempf
         "[server]\nlisten = \"{address}\"\nworkers = 1\n[services.product]\ninstances = {}\n[routes.products]\nprefix = \"/api/products\"\nservice = \"product\"\n",
         instances(&[upstream])
     ));
-    let mut command = gatehouse(dir.path(), Some("test"));
+    let mut command = gatehouse_command(dir.path(), Some("test"));
     command.env("GATEHOUSE_LOG", "info");
     if let Some(format) = format {
         command.env("GATEHOUSE_LOG_FORMAT", format);
@@ -1206,7 +1111,7 @@ async fn serve_logs_never_print_secrets() {
         "[server]\nlisten = \"{address}\"\nworkers = 1\n[services.product]\ninstances = {}\n[routes.products]\nprefix = \"/api/products\"\nservice = \"product\"\nauth = true\n",
         instances(&[&upstream])
     ));
-    let mut command = gatehouse(dir.path(), Some("test"));
+    let mut command = gatehouse_command(dir.path(), Some("test"));
     command
         .env("GATEHOUSE_LOG", "debug")
         .env("JWT_SECRET", SECRET_40)
