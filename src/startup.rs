@@ -21,6 +21,7 @@ use crate::auth::Verifier;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::middleware::auth::Authentication;
+use crate::middleware::connection_watch::{watch_connection, ConnectionWatch};
 use crate::middleware::rate_limit::{RateLimit, Stage};
 use crate::middleware::request_id::RequestIds;
 use crate::middleware::route_match::{RouteMatcher, Routed, Target};
@@ -33,6 +34,8 @@ use crate::{endpoints, settings};
 
 /// Connections kept idle in each worker's upstream pool this long.
 const UPSTREAM_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Idle keep-alive connections from clients are closed after this long.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Histogram upkeep period, so metrics memory stays flat between scrapes.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
@@ -121,7 +124,12 @@ impl Application {
                 .wrap(TracingLogger::<GatewayRootSpan>::new())
                 .wrap(RequestIds)
                 .wrap(SecurityHeaders)
+                .wrap(ConnectionWatch)
         })
+        .keep_alive(KEEP_ALIVE)
+        .on_connect(watch_connection(
+            KEEP_ALIVE + head_timeout(settings.server.client_request_timeout_ms),
+        ))
         .disable_signals()
         .shutdown_timeout(settings.server.shutdown_timeout_s)
         .client_request_timeout(head_timeout(settings.server.client_request_timeout_ms));

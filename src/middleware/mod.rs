@@ -1,5 +1,7 @@
 //! The request pipeline's middleware, outermost first (SPEC §3):
 //!
+//! 0. [`connection_watch`]: counts requests in flight per connection, so a
+//!    keep-alive connection stalled in a later request head can be closed.
 //! 1. [`security_headers`]: helmet's headers on every response.
 //! 2. [`request_id`]: keeps or mints `X-Request-Id`; turns any error that
 //!    escaped the inner layers into a response, so nothing leaves bare.
@@ -13,6 +15,7 @@
 //! own endpoints, or forwards through [`crate::proxy`].
 
 pub mod auth;
+pub mod connection_watch;
 pub mod rate_limit;
 pub mod request_id;
 pub mod route_match;

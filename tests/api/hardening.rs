@@ -558,3 +558,100 @@ fn check_config_refuses_a_rediss_url_naming_rate_limit_redis_url() {
     );
     assert!(stdout.trim().is_empty(), "nothing on stdout when refused: {stdout}");
 }
+
+// ---------------------------------------------------------------------------
+// 10. A keep-alive connection stalled in a later request head is closed
+// ---------------------------------------------------------------------------
+
+/// Reads one response with a `Content-Length` body off a kept-alive stream.
+fn read_one_kept_alive_response(stream: &mut TcpStream) -> String {
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buffer).expect("the first response arrives");
+        assert!(n > 0, "the gateway closed the connection early");
+        received.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&received).into_owned();
+        if let Some(head_end) = text.find("\r\n\r\n") {
+            let length: usize = text[..head_end]
+                .lines()
+                .find_map(|line| {
+                    line.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(0);
+            if received.len() >= head_end + 4 + length {
+                return text;
+            }
+        }
+    }
+}
+
+/// Waits for the peer to close; returns how long it took, or `None`.
+fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut buffer = [0u8; 1024];
+    while started.elapsed() < limit {
+        match stream.read(&mut buffer) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => {}
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return Some(started.elapsed()),
+        }
+    }
+    None
+}
+
+#[actix_web::test]
+async fn a_keep_alive_connection_stalled_in_its_second_request_head_is_closed() {
+    let upstream = Upstream::start("keep-alive");
+    let gateway = TestGateway::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\nclient_request_timeout_ms = 300\n{}",
+        service_at("api", "/api", &[upstream.url()])
+    ));
+    let address = gateway.address;
+    let closed_after = actix_web::rt::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream
+            .write_all(b"GET /api/first HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n")
+            .unwrap();
+        let first = read_one_kept_alive_response(&mut stream);
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        stream.write_all(b"GET /api/second HTTP/1.1\r\nHost: gate").unwrap();
+        wait_for_close(&mut stream, Duration::from_secs(12))
+    })
+    .await
+    .unwrap();
+    let closed_after = closed_after.expect("the stalled connection was never closed");
+    assert!(closed_after < Duration::from_secs(9), "closed after {closed_after:?}");
+    assert_eq!(upstream.hits(), 1, "the half-sent request never reached the upstream");
+}
+
+#[actix_web::test]
+async fn a_slow_response_on_a_kept_alive_connection_is_not_cut() {
+    let upstream = Upstream::start("slow-keep-alive");
+    let gateway = TestGateway::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\nclient_request_timeout_ms = 300\n{}",
+        service_at("api", "/api", &[upstream.url()])
+    ));
+    let address = gateway.address;
+    let second = actix_web::rt::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        stream
+            .write_all(b"GET /api/first HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n")
+            .unwrap();
+        read_one_kept_alive_response(&mut stream);
+        // Longer than the idle limit (5 s keep-alive + head timeout), but in flight.
+        stream
+            .write_all(b"GET /api/slow/7000 HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n")
+            .unwrap();
+        read_one_kept_alive_response(&mut stream)
+    })
+    .await
+    .unwrap();
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+}
