@@ -9,11 +9,12 @@
 //! impersonate them.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use actix_http::body::{self as http_body, BoxBody, SizedStream};
@@ -219,7 +220,7 @@ async fn attempt(
     match sent {
         Ok(response) => {
             ctx.passive.record_success(service_index, index);
-            Ok(client_response(response, req.method()))
+            Ok(client_response(response, req.method(), ctx.gateway.request_timeout))
         }
         Err(error) => {
             let overflowed = progress.as_ref().is_some_and(|progress| progress.overflowed.get());
@@ -379,14 +380,14 @@ fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
 
 /// The upstream's answer as the client's response: status, headers less
 /// hop-by-hop, `Server` and `X-Powered-By`, and the body as a stream.
-fn client_response(mut upstream: awc::ClientResponse, method: &Method) -> HttpResponse {
+fn client_response(mut upstream: awc::ClientResponse, method: &Method, idle_timeout: Duration) -> HttpResponse {
     let status = upstream.status();
     let declared_length = upstream
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|text| text.trim().parse::<u64>().ok());
-    let payload = upstream.take_payload();
+    let payload = IdleTimeout::new(upstream.take_payload(), idle_timeout);
     let bodiless = method == Method::HEAD
         || status == StatusCode::NOT_MODIFIED
         || status.is_informational()
@@ -420,6 +421,59 @@ fn client_response(mut upstream: awc::ClientResponse, method: &Method) -> HttpRe
         }
     }
     response
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream's body, failing when no bytes arrive for `limit` (as
+    /// nginx's `proxy_read_timeout`), so a stalled upstream cannot hold the
+    /// client's connection forever. The timer is only created the first time
+    /// the body has to wait: bodies that arrive with their head cost nothing.
+    struct IdleTimeout<S> {
+        #[pin]
+        inner: S,
+        limit: Duration,
+        #[pin]
+        timer: Option<actix_rt::time::Sleep>,
+    }
+}
+
+impl<S> IdleTimeout<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            timer: None,
+        }
+    }
+}
+
+impl<S: Stream<Item = Result<Bytes, PayloadError>>> Stream for IdleTimeout<S> {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut this = self.project();
+        match this.inner.poll_next(cx) {
+            Poll::Ready(item) => {
+                if let Some(timer) = this.timer.as_mut().as_pin_mut() {
+                    timer.reset((Instant::now() + *this.limit).into());
+                }
+                Poll::Ready(item)
+            }
+            Poll::Pending => {
+                if this.timer.is_none() {
+                    this.timer.set(Some(actix_rt::time::sleep(*this.limit)));
+                }
+                let timer = this.timer.as_pin_mut().expect("set above");
+                match timer.poll(cx) {
+                    Poll::Ready(()) => {
+                        tracing::warn!(limit = ?this.limit, "upstream body stalled; closing the response");
+                        Poll::Ready(Some(Err(PayloadError::Io(std::io::ErrorKind::TimedOut.into()))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
 }
 
 struct EmptyStream;

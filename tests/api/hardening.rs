@@ -655,3 +655,68 @@ async fn a_slow_response_on_a_kept_alive_connection_is_not_cut() {
     .unwrap();
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
 }
+
+// ---------------------------------------------------------------------------
+// 11. A stalled upstream body does not hold the client forever
+// ---------------------------------------------------------------------------
+
+#[actix_web::test]
+async fn an_upstream_body_that_stalls_is_cut_after_the_request_timeout() {
+    // An upstream that sends its head and 10 of 100 promised bytes, then waits.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer);
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789");
+                std::thread::sleep(Duration::from_secs(20));
+            });
+        }
+    });
+    let gateway = TestGateway::start(&format!(
+        "{}[upstream]\nrequest_timeout_ms = 500\n{}",
+        server(1),
+        service_at("api", "/api", &[upstream_url])
+    ));
+    let address = gateway.address;
+    let (received, elapsed) = actix_web::rt::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream
+            .write_all(b"GET /api/stalls HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n")
+            .unwrap();
+        let started = Instant::now();
+        let closed = wait_for_close_collecting(&mut stream, Duration::from_secs(10));
+        (closed, started.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(
+        received.starts_with("HTTP/1.1 200"),
+        "the head and the first bytes pass: {received:?}"
+    );
+    assert!(received.ends_with("0123456789"), "{received:?}");
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "the stalled body was cut after {elapsed:?}"
+    );
+}
+
+/// Reads until the peer closes (or `limit`), returning what arrived.
+fn wait_for_close_collecting(stream: &mut TcpStream, limit: Duration) -> String {
+    let started = Instant::now();
+    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while started.elapsed() < limit {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
