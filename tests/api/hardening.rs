@@ -589,22 +589,6 @@ fn read_one_kept_alive_response(stream: &mut TcpStream) -> String {
     }
 }
 
-/// Waits for the peer to close; returns how long it took, or `None`.
-fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let mut buffer = [0u8; 1024];
-    while started.elapsed() < limit {
-        match stream.read(&mut buffer) {
-            Ok(0) => return Some(started.elapsed()),
-            Ok(_) => {}
-            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => return Some(started.elapsed()),
-        }
-    }
-    None
-}
-
 #[actix_web::test]
 async fn a_keep_alive_connection_stalled_in_its_second_request_head_is_closed() {
     let upstream = Upstream::start("keep-alive");
@@ -621,7 +605,9 @@ async fn a_keep_alive_connection_stalled_in_its_second_request_head_is_closed() 
         let first = read_one_kept_alive_response(&mut stream);
         assert!(first.starts_with("HTTP/1.1 200"), "{first}");
         stream.write_all(b"GET /api/second HTTP/1.1\r\nHost: gate").unwrap();
-        wait_for_close(&mut stream, Duration::from_secs(12))
+        let started = Instant::now();
+        let (_, closed) = read_until_close(&mut stream, Duration::from_secs(12));
+        closed.then(|| started.elapsed())
     })
     .await
     .unwrap();
@@ -688,8 +674,8 @@ async fn an_upstream_body_that_stalls_is_cut_after_the_request_timeout() {
             .write_all(b"GET /api/stalls HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n")
             .unwrap();
         let started = Instant::now();
-        let closed = wait_for_close_collecting(&mut stream, Duration::from_secs(10));
-        (closed, started.elapsed())
+        let (received, _) = read_until_close(&mut stream, Duration::from_secs(10));
+        (received, started.elapsed())
     })
     .await
     .unwrap();
@@ -704,19 +690,27 @@ async fn an_upstream_body_that_stalls_is_cut_after_the_request_timeout() {
     );
 }
 
-/// Reads until the peer closes (or `limit`), returning what arrived.
-fn wait_for_close_collecting(stream: &mut TcpStream, limit: Duration) -> String {
+/// Reads until the peer closes or `limit` passes: what arrived, and whether
+/// the peer closed.
+fn read_until_close(stream: &mut TcpStream, limit: Duration) -> (String, bool) {
     let started = Instant::now();
     stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let mut received = Vec::new();
     let mut buffer = [0u8; 4096];
+    let mut closed = false;
     while started.elapsed() < limit {
         match stream.read(&mut buffer) {
-            Ok(0) => break,
+            Ok(0) => {
+                closed = true;
+                break;
+            }
             Ok(n) => received.extend_from_slice(&buffer[..n]),
             Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => break,
+            Err(_) => {
+                closed = true;
+                break;
+            }
         }
     }
-    String::from_utf8_lossy(&received).into_owned()
+    (String::from_utf8_lossy(&received).into_owned(), closed)
 }
