@@ -27,32 +27,37 @@ use crate::settings::RateLimitSettings;
 const POOL_SIZE_PER_WORKER: usize = 2;
 
 /// KEYS: one sorted set per policy. ARGV[1]: a unique member suffix; then per
-/// policy its window (µs) and max. Returns {admitted, now_us, count_1,
-/// oldest_1, …}: counts include this request when admitted.
+/// policy its window (µs), max and key lifetime (ms). Returns {admitted,
+/// now_us, count_1, oldest_1, …}: counts include this request when admitted.
+///
+/// Every argument handed to `redis.call` is a string: Lua numbers are
+/// doubles, and Redis formats each one with `%.17g`, which used to be the
+/// costliest part of the script. Members are `<µs>:<suffix>`, so the oldest
+/// admission time is read from the member rather than from a formatted score.
+/// Microseconds since the epoch (about 2^51) are exact in a double.
 const SLIDING_LOG: &str = r#"
 local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local member = time[1] .. string.format('%06d', tonumber(time[2])) .. ':' .. ARGV[1]
+local now_text = time[1] .. string.rep('0', 6 - #time[2]) .. time[2]
+local now = tonumber(now_text)
+local member = now_text .. ':' .. ARGV[1]
 local counts = {}
 local admitted = 1
 for i = 1, #KEYS do
-  local window = tonumber(ARGV[2 * i])
-  local max = tonumber(ARGV[2 * i + 1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  local cutoff = string.format('%d', now - tonumber(ARGV[3 * i - 1]))
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', cutoff)
   counts[i] = redis.call('ZCARD', KEYS[i])
-  if counts[i] >= max then admitted = 0 end
+  if counts[i] >= tonumber(ARGV[3 * i]) then admitted = 0 end
 end
 local result = { admitted, now }
 for i = 1, #KEYS do
-  local window = tonumber(ARGV[2 * i])
   if admitted == 1 then
-    redis.call('ZADD', KEYS[i], now, member)
-    redis.call('PEXPIRE', KEYS[i], math.ceil(window / 1000))
+    redis.call('ZADD', KEYS[i], now_text, member)
+    redis.call('PEXPIRE', KEYS[i], ARGV[3 * i + 1])
     counts[i] = counts[i] + 1
   end
-  local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  local oldest = redis.call('ZRANGE', KEYS[i], '0', '0')[1]
   result[#result + 1] = counts[i]
-  result[#result + 1] = oldest[2] and tonumber(oldest[2]) or now
+  result[#result + 1] = oldest and string.match(oldest, '^%d+') or now_text
 end
 return result
 "#;
@@ -133,7 +138,8 @@ impl RedisStore {
             invocation
                 .key(redis_key(&self.key_prefix, client, &policy.name))
                 .arg(policy.window_us())
-                .arg(policy.max);
+                .arg(policy.max)
+                .arg(policy.window_us().div_ceil(1000));
         }
         let mut connection = self.connection().await?;
         let reply: Vec<i64> = invocation.invoke_async(&mut connection).await?;
