@@ -136,7 +136,6 @@ pub async fn forward(
     let deadline = Instant::now() + ctx.gateway.request_timeout;
     let service = &ctx.gateway.services[route.service];
     let path_and_query = upstream_path_and_query(req, route, path)?;
-    let headers = upstream_headers(req, &ctx.gateway);
     let body = RequestBody::of(req, payload, ctx.gateway.max_body_bytes);
     let retry_allowed = body.is_replayable();
 
@@ -149,7 +148,7 @@ pub async fn forward(
         route.service,
         first,
         &path_and_query,
-        headers.clone(),
+        upstream_headers(req, &ctx.gateway),
         body,
         deadline,
     )
@@ -172,7 +171,8 @@ pub async fn forward(
         route.service,
         second,
         &path_and_query,
-        headers,
+        // Built again rather than cloned up front: retries are rare.
+        upstream_headers(req, &ctx.gateway),
         body,
         deadline,
     )
@@ -313,6 +313,24 @@ fn is_gateway_owned_name(name: &str, trusted_peer: bool) -> bool {
     ) || (!trusted_peer && (name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")))
 }
 
+/// The peer's address as header text, formatted once per connection (the
+/// `HttpServer::on_connect` hook) rather than once per request.
+pub struct PeerText(HeaderValue);
+
+/// The `HttpServer::on_connect` hook that stores [`PeerText`].
+pub fn remember_peer(connection: &dyn std::any::Any, extensions: &mut actix_http::Extensions) {
+    let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() else {
+        return;
+    };
+    if let Some(text) = stream
+        .peer_addr()
+        .ok()
+        .and_then(|peer| HeaderValue::from_str(&peer.ip().to_string()).ok())
+    {
+        extensions.insert(PeerText(text));
+    }
+}
+
 fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
     let incoming = req.headers();
     let named = connection_named(incoming);
@@ -332,21 +350,27 @@ fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
 
     // Only after the client's headers are filtered does the gateway add its
     // own, so `Connection: X-Forwarded-For` cannot remove them.
-    let peer_text = peer.map(|ip| ip.to_string()).unwrap_or_default();
-    let forwarded_for = if trusted_peer {
-        let prior: Vec<&str> = incoming
+    let peer_text = match req.conn_data::<PeerText>() {
+        Some(PeerText(text)) => text.clone(),
+        None => peer
+            .and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok())
+            .unwrap_or_else(|| HeaderValue::from_static("")),
+    };
+    let prior: Vec<&str> = if trusted_peer {
+        incoming
             .get_all(X_FORWARDED_FOR)
             .filter_map(|value| value.to_str().ok())
-            .collect();
-        if prior.is_empty() {
-            peer_text
-        } else {
-            format!("{}, {peer_text}", prior.join(", "))
-        }
+            .collect()
     } else {
-        peer_text
+        Vec::new()
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    let forwarded_for = if prior.is_empty() {
+        Some(peer_text)
+    } else {
+        let peer = peer_text.to_str().unwrap_or_default();
+        HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))).ok()
+    };
+    if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, value);
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {

@@ -127,9 +127,13 @@ impl Application {
                 .wrap(ConnectionWatch)
         })
         .keep_alive(KEEP_ALIVE)
-        .on_connect(watch_connection(
-            KEEP_ALIVE + head_timeout(settings.server.client_request_timeout_ms),
-        ))
+        .on_connect({
+            let watch = watch_connection(KEEP_ALIVE + head_timeout(settings.server.client_request_timeout_ms));
+            move |connection, extensions| {
+                watch(connection, extensions);
+                proxy::remember_peer(connection, extensions);
+            }
+        })
         .disable_signals()
         .shutdown_timeout(settings.server.shutdown_timeout_s)
         .client_request_timeout(head_timeout(settings.server.client_request_timeout_ms));

@@ -81,13 +81,24 @@ where
         Box::pin(async move {
             let mut response = response.await?;
             let map = response.headers_mut();
+            // One pass over the response's few names instead of a hashed
+            // lookup per security header: upstreams rarely set any of them.
+            let mut overlaps = false;
+            let mut identifies_server = false;
+            for name in map.keys() {
+                overlaps |= headers.iter().any(|(own, _)| own == name);
+                identifies_server |= name == header::SERVER || name == X_POWERED_BY;
+            }
+            map.reserve(headers.len());
             for (name, value) in headers.iter() {
-                if !map.contains_key(name) {
+                if !overlaps || !map.contains_key(name) {
                     map.insert(name.clone(), value.clone());
                 }
             }
-            map.remove(header::SERVER);
-            map.remove(X_POWERED_BY);
+            if identifies_server {
+                map.remove(header::SERVER);
+                map.remove(X_POWERED_BY);
+            }
             Ok(response)
         })
     }
