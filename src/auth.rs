@@ -65,6 +65,8 @@ pub enum KeyError {
 pub struct Verifier {
     /// Per accepted algorithm: its key and its validation rules.
     accepted: HashMap<Algorithm, (DecodingKey, Validation)>,
+    /// The key and rules when exactly one algorithm is accepted.
+    only: Option<(DecodingKey, Validation)>,
     roles_claim: String,
 }
 
@@ -123,8 +125,13 @@ impl Verifier {
             };
             accepted.insert(algorithm, (key, validation_for(algorithm, settings)));
         }
+        let only = match accepted.values().collect::<Vec<_>>().as_slice() {
+            [only] => Some((*only).clone()),
+            _ => None,
+        };
         Ok(Self {
             accepted,
+            only,
             roles_claim: settings.roles_claim.clone(),
         })
     }
@@ -132,11 +139,17 @@ impl Verifier {
     /// Verifies signature, algorithm, `exp` (required), `nbf`, `iss`, `aud`,
     /// and reads `sub` and the roles claim.
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
-        let header = jsonwebtoken::decode_header(token)?;
-        let (key, validation) = self
-            .accepted
-            .get(&header.alg)
-            .ok_or(TokenError::AlgorithmNotAccepted(header.alg))?;
+        let (key, validation): &(DecodingKey, Validation) = match &self.only {
+            // `decode` itself refuses any other `alg`: reading the header
+            // here as well would parse it a third time per request.
+            Some(only) => only,
+            None => {
+                let header = jsonwebtoken::decode_header(token)?;
+                self.accepted
+                    .get(&header.alg)
+                    .ok_or(TokenError::AlgorithmNotAccepted(header.alg))?
+            }
+        };
         let claims = jsonwebtoken::decode::<Map<String, Value>>(token, key, validation)?.claims;
         let subject = match claims.get("sub") {
             Some(Value::String(sub)) if !sub.is_empty() => sub.clone(),
