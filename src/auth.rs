@@ -313,8 +313,19 @@ mod tests {
             ..hs_settings()
         };
         let token = mint_token(&hs384, "u", &[], 60).unwrap();
+        // One accepted algorithm: jsonwebtoken's own check refuses it.
         assert!(matches!(
             verifier.verify(&token),
+            Err(TokenError::Jwt(error)) if *error.kind() == jsonwebtoken::errors::ErrorKind::InvalidAlgorithm
+        ));
+        // Several: the header selects among them, and HS384 is not one.
+        let several = Verifier::new(&AuthSettings {
+            algorithms: vec![Algorithm::HS256, Algorithm::HS512],
+            ..hs_settings()
+        })
+        .unwrap();
+        assert!(matches!(
+            several.verify(&token),
             Err(TokenError::AlgorithmNotAccepted(Algorithm::HS384))
         ));
     }
