@@ -43,6 +43,10 @@ const X_POWERED_BY: HeaderName = HeaderName::from_static("x-powered-by");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Headers the middleware adds to a proxied response: twelve security
+/// headers, `X-Request-Id` and five `RateLimit-*`/`Retry-After` at most.
+const GATEWAY_RESPONSE_HEADERS: usize = 18;
+
 /// Everything one HTTP worker needs to forward; built once per worker.
 pub struct WorkerContext {
     pub gateway: Arc<Gateway>,
@@ -428,6 +432,9 @@ fn client_response(mut upstream: awc::ClientResponse, method: &Method, idle_time
     let mut response = HttpResponse::with_body(status, body);
     let named = connection_named(upstream.headers());
     let headers = response.headers_mut();
+    // Room for the upstream's headers and the gateway's own (security,
+    // request id, rate limit) without the map growing several times.
+    headers.reserve(upstream.headers().len() + GATEWAY_RESPONSE_HEADERS);
     for (name, value) in upstream.headers().iter() {
         if is_hop_by_hop(name)
             || name == header::CONTENT_LENGTH

@@ -16,7 +16,7 @@
 
 use std::any::Any;
 use std::cell::Cell;
-use std::future::{ready, Ready};
+use std::future::{ready, Future, Ready};
 use std::mem::ManuallyDrop;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -29,7 +29,6 @@ use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{Extensions, Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::web::Bytes;
 use actix_web::Error;
-use futures_util::future::LocalBoxFuture;
 
 /// How often a watchdog looks at its connection.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -159,16 +158,39 @@ where
 {
     type Response = ServiceResponse<Watched<B>>;
     type Error = Error;
-    type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = WatchedResponse<S::Future>;
 
     actix_web::dev::forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let in_flight = req.conn_data::<Rc<ConnectionActivity>>().cloned().map(InFlight::start);
-        let response = self.service.call(req);
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map_body(|_, body| Watched { body, in_flight }))
-        })
+        WatchedResponse {
+            response: self.service.call(req),
+            in_flight,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner response, its body wrapped in [`Watched`] (not boxed: this
+    /// is the outermost layer of every request).
+    pub struct WatchedResponse<F> {
+        #[pin]
+        response: F,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<F, B> Future for WatchedResponse<F>
+where
+    F: Future<Output = Result<ServiceResponse<B>, Error>>,
+{
+    type Output = Result<ServiceResponse<Watched<B>>, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.response.poll(cx))?;
+        let in_flight = this.in_flight.take();
+        Poll::Ready(Ok(response.map_body(|_, body| Watched { body, in_flight })))
     }
 }

@@ -3,15 +3,15 @@
 //! is stored in the request's extensions (for the log span and the upstream
 //! request) and set on the response.
 
-use std::future::{ready, Ready};
-use std::rc::Rc;
+use std::future::{ready, Future, Ready};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::http::header::{HeaderName, HeaderValue};
-use actix_web::{Error, HttpMessage};
-use futures_util::future::LocalBoxFuture;
+use actix_web::{Error, HttpMessage, HttpRequest};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -60,14 +60,12 @@ where
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        ready(Ok(RequestIdService {
-            service: Rc::new(service),
-        }))
+        ready(Ok(RequestIdService { service }))
     }
 }
 
 pub struct RequestIdService<S> {
-    service: Rc<S>,
+    service: S,
 }
 
 impl<S, B> Service<ServiceRequest> for RequestIdService<S>
@@ -77,7 +75,7 @@ where
 {
     type Response = ServiceResponse<EitherBody<B>>;
     type Error = Error;
-    type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = WithRequestId<S::Future>;
 
     actix_web::dev::forward_ready!(service);
 
@@ -87,21 +85,49 @@ where
             value: id.clone(),
             started: Instant::now(),
         });
-        let http_request = req.request().clone();
-        let response = self.service.call(req);
-        Box::pin(async move {
-            let mut response = match response.await {
-                Ok(response) => response.map_into_left_body(),
-                Err(error) => {
-                    tracing::error!(request_id = %id.to_str().unwrap_or(""), error = %error, "unhandled error in the pipeline");
-                    let internal = crate::error::GatewayError::Internal(error.to_string());
-                    ServiceResponse::new(http_request, actix_web::ResponseError::error_response(&internal))
-                        .map_into_right_body()
-                }
-            };
-            response.headers_mut().insert(X_REQUEST_ID, id);
-            Ok(response)
-        })
+        let request = req.request().clone();
+        WithRequestId {
+            response: self.service.call(req),
+            id: Some(id),
+            request: Some(request),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner response with `X-Request-Id` set; an error that escaped the
+    /// inner layers becomes the spec's 500 (not boxed: this layer wraps every
+    /// request).
+    pub struct WithRequestId<F> {
+        #[pin]
+        response: F,
+        id: Option<HeaderValue>,
+        request: Option<HttpRequest>,
+    }
+}
+
+impl<F, B> Future for WithRequestId<F>
+where
+    F: Future<Output = Result<ServiceResponse<B>, Error>>,
+    B: MessageBody,
+{
+    type Output = Result<ServiceResponse<EitherBody<B>>, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let outcome = std::task::ready!(this.response.poll(cx));
+        let id = this.id.take().expect("polled after completion");
+        let request = this.request.take().expect("polled after completion");
+        let mut response = match outcome {
+            Ok(response) => response.map_into_left_body(),
+            Err(error) => {
+                tracing::error!(request_id = %id.to_str().unwrap_or(""), error = %error, "unhandled error in the pipeline");
+                let internal = crate::error::GatewayError::Internal(error.to_string());
+                ServiceResponse::new(request, actix_web::ResponseError::error_response(&internal)).map_into_right_body()
+            }
+        };
+        response.headers_mut().insert(X_REQUEST_ID, id);
+        Poll::Ready(Ok(response))
     }
 }
 

@@ -2,40 +2,59 @@
 //! sends: proxied ones, its own errors and endpoints. An upstream's own header
 //! of the same name wins. The gateway never sends `Server` or `X-Powered-By`.
 
-use std::future::{ready, Ready};
+use std::future::{ready, Future, Ready};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
-use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::Error;
-use futures_util::future::LocalBoxFuture;
 
 const X_POWERED_BY: HeaderName = HeaderName::from_static("x-powered-by");
 
 /// Names and values, as helmet sends them by default.
-const SECURITY_HEADERS: [(&str, &str); 12] = [
+static SECURITY_HEADERS: [(HeaderName, HeaderValue); 12] = [
     (
-        "content-security-policy",
-        "default-src 'self';base-uri 'self';font-src 'self' https: data:;form-action 'self';frame-ancestors 'self';img-src 'self' data:;object-src 'none';script-src 'self';script-src-attr 'none';style-src 'self' https: 'unsafe-inline';upgrade-insecure-requests",
+        HeaderName::from_static("content-security-policy"),
+        HeaderValue::from_static("default-src 'self';base-uri 'self';font-src 'self' https: data:;form-action 'self';frame-ancestors 'self';img-src 'self' data:;object-src 'none';script-src 'self';script-src-attr 'none';style-src 'self' https: 'unsafe-inline';upgrade-insecure-requests"),
     ),
-    ("cross-origin-opener-policy", "same-origin"),
-    ("cross-origin-resource-policy", "same-origin"),
-    ("origin-agent-cluster", "?1"),
-    ("referrer-policy", "no-referrer"),
-    ("strict-transport-security", "max-age=31536000; includeSubDomains"),
-    ("x-content-type-options", "nosniff"),
-    ("x-dns-prefetch-control", "off"),
-    ("x-download-options", "noopen"),
-    ("x-frame-options", "SAMEORIGIN"),
-    ("x-permitted-cross-domain-policies", "none"),
-    ("x-xss-protection", "0"),
+    (HeaderName::from_static("cross-origin-opener-policy"), HeaderValue::from_static("same-origin")),
+    (HeaderName::from_static("cross-origin-resource-policy"), HeaderValue::from_static("same-origin")),
+    (HeaderName::from_static("origin-agent-cluster"), HeaderValue::from_static("?1")),
+    (HeaderName::from_static("referrer-policy"), HeaderValue::from_static("no-referrer")),
+    (
+        HeaderName::from_static("strict-transport-security"),
+        HeaderValue::from_static("max-age=31536000; includeSubDomains"),
+    ),
+    (HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff")),
+    (HeaderName::from_static("x-dns-prefetch-control"), HeaderValue::from_static("off")),
+    (HeaderName::from_static("x-download-options"), HeaderValue::from_static("noopen")),
+    (HeaderName::from_static("x-frame-options"), HeaderValue::from_static("SAMEORIGIN")),
+    (HeaderName::from_static("x-permitted-cross-domain-policies"), HeaderValue::from_static("none")),
+    (HeaderName::from_static("x-xss-protection"), HeaderValue::from_static("0")),
 ];
 
-/// The headers as typed values, built once.
-fn security_headers() -> Vec<(HeaderName, HeaderValue)> {
-    SECURITY_HEADERS
-        .iter()
-        .map(|(name, value)| (HeaderName::from_static(name), HeaderValue::from_static(value)))
-        .collect()
+/// Adds the security headers the response does not set itself and drops the
+/// headers that name the server software.
+fn secure(map: &mut HeaderMap) {
+    // One pass over the response's few names instead of a hashed lookup per
+    // security header: upstreams rarely set any of them.
+    let mut overlaps = false;
+    let mut identifies_server = false;
+    for name in map.keys() {
+        overlaps |= SECURITY_HEADERS.iter().any(|(own, _)| own == name);
+        identifies_server |= name == header::SERVER || name == X_POWERED_BY;
+    }
+    map.reserve(SECURITY_HEADERS.len());
+    for (name, value) in &SECURITY_HEADERS {
+        if !overlaps || !map.contains_key(name) {
+            map.insert(name.clone(), value.clone());
+        }
+    }
+    if identifies_server {
+        map.remove(header::SERVER);
+        map.remove(X_POWERED_BY);
+    }
 }
 
 pub struct SecurityHeaders;
@@ -52,16 +71,12 @@ where
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        ready(Ok(SecurityHeadersService {
-            service,
-            headers: security_headers().into(),
-        }))
+        ready(Ok(SecurityHeadersService { service }))
     }
 }
 
 pub struct SecurityHeadersService<S> {
     service: S,
-    headers: std::rc::Rc<[(HeaderName, HeaderValue)]>,
 }
 
 impl<S, B> Service<ServiceRequest> for SecurityHeadersService<S>
@@ -71,35 +86,35 @@ where
 {
     type Response = ServiceResponse<B>;
     type Error = Error;
-    type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = Secured<S::Future>;
 
     actix_web::dev::forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
-        let response = self.service.call(req);
-        let headers = self.headers.clone();
-        Box::pin(async move {
-            let mut response = response.await?;
-            let map = response.headers_mut();
-            // One pass over the response's few names instead of a hashed
-            // lookup per security header: upstreams rarely set any of them.
-            let mut overlaps = false;
-            let mut identifies_server = false;
-            for name in map.keys() {
-                overlaps |= headers.iter().any(|(own, _)| own == name);
-                identifies_server |= name == header::SERVER || name == X_POWERED_BY;
-            }
-            map.reserve(headers.len());
-            for (name, value) in headers.iter() {
-                if !overlaps || !map.contains_key(name) {
-                    map.insert(name.clone(), value.clone());
-                }
-            }
-            if identifies_server {
-                map.remove(header::SERVER);
-                map.remove(X_POWERED_BY);
-            }
-            Ok(response)
-        })
+        Secured {
+            response: self.service.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner response with the security headers added (not boxed: this
+    /// layer wraps every request).
+    pub struct Secured<F> {
+        #[pin]
+        response: F,
+    }
+}
+
+impl<F, B> Future for Secured<F>
+where
+    F: Future<Output = Result<ServiceResponse<B>, Error>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut response = std::task::ready!(self.project().response.poll(cx))?;
+        secure(response.headers_mut());
+        Poll::Ready(Ok(response))
     }
 }
