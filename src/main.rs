@@ -38,7 +38,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => {
-            telemetry::init();
+            let _flush_logs_on_exit = telemetry::init();
             match actix_web::rt::System::new().block_on(startup::run(settings)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tracing::Span;
 use tracing_actix_web::RootSpanBuilder;
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 
 use crate::middleware::request_id::RequestId;
@@ -20,7 +21,17 @@ use crate::middleware::route_match::{Routed, Target};
 
 /// Installs the global subscriber; logs go to stderr so that commands such as
 /// `gatehouse token` keep stdout for their output.
-pub fn init() {
+///
+/// Lines are written by a dedicated thread through a buffer that it flushes
+/// whenever it has drained what was logged: under load many lines share one
+/// `write`, and the HTTP workers never wait on stderr. Nothing is dropped: a
+/// worker only blocks when 128k lines are waiting. Keep the returned guard
+/// for the life of the process; dropping it flushes what is left.
+pub fn init() -> WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("gatehouse-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let filter = std::env::var("GATEHOUSE_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
@@ -31,13 +42,14 @@ pub fn init() {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(ansi);
     let _ = if json {
         builder.json().with_current_span(true).with_span_list(false).try_init()
     } else {
         builder.try_init()
     };
+    guard
 }
 
 /// The root span of each request.
