@@ -26,7 +26,8 @@ use crate::middleware::route_match::{Routed, Target};
 /// whenever it has drained what was logged: under load many lines share one
 /// `write`, and the HTTP workers never wait on stderr. Nothing is dropped: a
 /// worker only blocks when 128k lines are waiting. Keep the returned guard
-/// for the life of the process; dropping it flushes what is left.
+/// for the life of the process: dropping it flushes what is left (waiting up
+/// to a second for the writer thread to drain).
 pub fn init() -> WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)

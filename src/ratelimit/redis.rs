@@ -31,8 +31,8 @@ const POOL_SIZE_PER_WORKER: usize = 2;
 /// now_us, count_1, oldest_1, …}: counts include this request when admitted.
 ///
 /// Every argument handed to `redis.call` is a string: Lua numbers are
-/// doubles, and Redis formats each one with `%.17g`, which used to be the
-/// costliest part of the script. Members are `<µs>:<suffix>`, so the oldest
+/// doubles, and Redis (7.0 at least) formats each one with `%.17g`, which
+/// was the costliest part of the script. Members are `<µs>:<suffix>`, so the oldest
 /// admission time is read from the member rather than from a formatted score.
 /// Microseconds since the epoch (about 2^51) are exact in a double.
 const SLIDING_LOG: &str = r#"
