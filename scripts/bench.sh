@@ -17,10 +17,10 @@ DURATION=${2:-10}
 WARMUP=2
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx || ! need redis-server; then
+if ! need wrk || ! need nginx || ! need redis-server || ! need python3 || ! need pgrep || ! need taskset; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx redis-server
+  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx redis-server python3 procps util-linux
 fi
 
 CPUS=$(nproc)
@@ -97,7 +97,7 @@ EOF
 taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx-proxy.conf" -p "$WORK"
 
 taskset -c "$LOAD_CPUS" redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
-PIDS+=($!)
+PIDS+=($!); REDIS_PID=$!
 
 SECRET="bench-secret-0123456789abcdef0123456789"
 mkdir -p "$WORK/settings"
@@ -177,11 +177,13 @@ run_one() { # round name url pid header connections
   [ -n "$header" ] && args+=(-H "$header")
   taskset -c "$LOAD_CPUS" wrk -t1 -c"$conns" -d"${WARMUP}s" ${header:+-H "$header"} "$url" >/dev/null
   before=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
+  redis_before=$(cpu_ticks "$REDIS_PID")
   out=$(taskset -c "$LOAD_CPUS" wrk "${args[@]}" "$url")
   after=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
-  python3 - "$round" "$name" "$conns" "$((after - before))" "$(getconf CLK_TCK)" "$RESULTS" <<PY
+  redis_after=$(cpu_ticks "$REDIS_PID")
+  python3 - "$round" "$name" "$conns" "$((after - before))" "$(getconf CLK_TCK)" "$RESULTS" "$((redis_after - redis_before))" <<PY
 import re, sys
-round_, name, conns, ticks, hz, path = sys.argv[1:7]
+round_, name, conns, ticks, hz, path, redis_ticks = sys.argv[1:8]
 out = """$out"""
 def dur(pattern):
     found = re.search(pattern + r"\s+([\d.]+)(us|ms|s|m)\b", out)
@@ -202,7 +204,8 @@ non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 errors += int(non2xx.group(1)) if non2xx else 0
 cpu_us = int(ticks) / int(hz) * 1e6 / requests if requests and int(ticks) else 0.0
 with open(path, "a") as f:
-    f.write(f"{round_}\t{name}\t{conns}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{errors}\t{cpu_us:.2f}\n")
+    redis_us = int(redis_ticks) / int(hz) * 1e6 / requests if requests else 0.0
+    f.write(f"{round_}\t{name}\t{conns}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{errors}\t{cpu_us:.2f}\t{redis_us:.2f}\n")
 PY
 }
 
@@ -238,11 +241,11 @@ path, rss_start, rss_end, hwm, rounds, duration, sus_start, sus_end, sus_request
 rows = defaultdict(list)
 order = []
 for line in open(path):
-    rnd, name, conns, rps, p50, p99, errors, cpu = line.rstrip("\n").split("\t")
+    rnd, name, conns, rps, p50, p99, errors, cpu, redis_cpu = line.rstrip("\n").split("\t")
     key = (name, int(conns))
     if key not in rows:
         order.append(key)
-    rows[key].append((float(rps), float(p50), float(p99), int(errors), float(cpu)))
+    rows[key].append((float(rps), float(p50), float(p99), int(errors), float(cpu), float(redis_cpu)))
 def med(key, i):
     return statistics.median(r[i] for r in rows[key])
 print(f"Medians of {rounds} interleaved rounds of {duration} s (wrk -t1; proxy pinned to one CPU, one worker).\n")
@@ -265,7 +268,9 @@ def ratio(a, b, i):
     return med(a, i) / med(b, i) if a in rows and b in rows and med(b, i) else float("nan")
 for conns in (64, 256):
     public, jwt, limited = ("gatehouse public", conns), ("gatehouse JWT", conns), ("gatehouse JWT+Redis limit", conns)
-    print(f"- c{conns}: JWT CPU/req vs public {ratio(jwt, public, 4):.2f}x; JWT+Redis req/s vs public {ratio(limited, public, 0):.2f}x")
+    redis_us = med(limited, 5) if limited in rows else float("nan")
+    print(f"- c{conns}: JWT CPU/req vs public {ratio(jwt, public, 4):.2f}x; JWT+Redis req/s vs public {ratio(limited, public, 0):.2f}x"
+          f" (Redis CPU {redis_us:.1f} µs per decision, on the load CPU)")
 public, no_metrics, info_log = ("gatehouse public", 64), ("gatehouse public, no metrics", 64), ("gatehouse public, info log", 64)
 print(f"- metrics cost: CPU/req {100 * (ratio(public, no_metrics, 4) - 1):+.1f} % against no metrics")
 print(f"- per-request info log line: CPU/req {100 * (ratio(info_log, public, 4) - 1):+.1f} % against warn level")
