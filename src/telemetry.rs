@@ -19,18 +19,23 @@ use tracing_subscriber::EnvFilter;
 use crate::middleware::request_id::RequestId;
 use crate::middleware::route_match::{Routed, Target};
 
+/// Lines queued for the writer thread. The queue is allocated up front (32
+/// bytes a line); tracing-appender's default of 128k lines held 4 MiB.
+const LOG_QUEUE_LINES: usize = 16 * 1024;
+
 /// Installs the global subscriber; logs go to stderr so that commands such as
 /// `gatehouse token` keep stdout for their output.
 ///
 /// Lines are written by a dedicated thread through a buffer that it flushes
 /// whenever it has drained what was logged: under load many lines share one
 /// `write`, and the HTTP workers never wait on stderr. Nothing is dropped: a
-/// worker only blocks when 128k lines are waiting. Keep the returned guard
+/// worker only blocks when [`LOG_QUEUE_LINES`] lines are waiting. Keep the returned guard
 /// for the life of the process: dropping it flushes what is left (waiting up
 /// to a second for the writer thread to drain).
 pub fn init() -> WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
         .thread_name("gatehouse-log")
         .finish(std::io::BufWriter::new(std::io::stderr()));
     let filter = std::env::var("GATEHOUSE_LOG")
