@@ -7,6 +7,7 @@
 //! `jku`, `x5u` and embedded `jwk` headers are ignored: no key is ever fetched
 //! or chosen by the token.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -139,6 +140,13 @@ impl Verifier {
     /// Verifies signature, algorithm, `exp` (required), `nbf`, `iss`, `aud`,
     /// and reads `sub` and the roles claim.
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+        self.verify_until(token).map(|(identity, _)| identity)
+    }
+
+    /// [`Verifier::verify`], and the last second (Unix time) at which the
+    /// token is still accepted: `exp` plus the leeway, when `exp` is an
+    /// integer. Every other check holds for good once it has passed.
+    pub fn verify_until(&self, token: &str) -> Result<(Identity, Option<u64>), TokenError> {
         let (key, validation): &(DecodingKey, Validation) = match &self.only {
             // `decode` itself refuses any other `alg`: reading the header
             // here as well would parse it a third time per request.
@@ -171,7 +179,56 @@ impl Verifier {
         if roles.iter().any(|role| role.chars().any(char::is_control)) {
             return Err(TokenError::ControlCharacter("roles"));
         }
-        Ok(Identity { subject, roles })
+        let accepted_until = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .map(|exp| exp.saturating_add(validation.leeway));
+        Ok((Identity { subject, roles }, accepted_until))
+    }
+}
+
+/// Verified tokens kept by one HTTP worker until they expire.
+///
+/// A client sends the same token with every request of its lifetime, and
+/// verifying it (jsonwebtoken parses the header twice and the claims twice,
+/// then checks the signature) is most of what auth costs a request. Only a
+/// byte-identical token hits, so the signature is part of the key; `exp` is
+/// checked again on every hit with the verifier's rule (accepted through
+/// `exp` + leeway); `nbf`, `iss`, `aud`, the algorithm and the keys cannot
+/// change for a token that passed once. Bounded: at most
+/// [`TokenCache::ENTRIES`] tokens of at most [`TokenCache::MAX_TOKEN_BYTES`]
+/// each, and emptied when full.
+#[derive(Default)]
+pub struct TokenCache {
+    verified: RefCell<HashMap<Box<str>, (Identity, u64)>>,
+}
+
+impl TokenCache {
+    pub const ENTRIES: usize = 1024;
+    pub const MAX_TOKEN_BYTES: usize = 2048;
+
+    pub fn verify(&self, verifier: &Verifier, token: &str) -> Result<Identity, TokenError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some((identity, until)) = self.verified.borrow().get(token) {
+            if now <= *until {
+                return Ok(identity.clone());
+            }
+        }
+        match verifier.verify_until(token) {
+            Ok((identity, Some(until))) if token.len() <= Self::MAX_TOKEN_BYTES => {
+                let mut verified = self.verified.borrow_mut();
+                if verified.len() >= Self::ENTRIES {
+                    verified.clear();
+                }
+                verified.insert(token.into(), (identity.clone(), until));
+                Ok(identity)
+            }
+            Ok((identity, _)) => Ok(identity),
+            Err(error) => {
+                self.verified.borrow_mut().remove(token);
+                Err(error)
+            }
+        }
     }
 }
 
@@ -328,5 +385,66 @@ mod tests {
             several.verify(&token),
             Err(TokenError::AlgorithmNotAccepted(Algorithm::HS384))
         ));
+    }
+
+    #[test]
+    fn a_verified_token_is_accepted_until_exp_plus_leeway() {
+        let settings = AuthSettings {
+            leeway_s: 7,
+            ..hs_settings()
+        };
+        let verifier = Verifier::new(&settings).unwrap();
+        let token = mint_token(&settings, "u", &[], 60).unwrap();
+        let (_, until) = verifier.verify_until(&token).unwrap();
+        let now = jsonwebtoken::get_current_timestamp();
+        assert!(
+            until.is_some_and(|until| (now + 60 + 7).abs_diff(until) <= 1),
+            "{until:?}"
+        );
+    }
+
+    #[test]
+    fn the_token_cache_serves_verified_tokens_and_never_a_stale_one() {
+        let settings = hs_settings();
+        let verifier = Verifier::new(&settings).unwrap();
+        let cache = TokenCache::default();
+        let token = mint_token(&settings, "u", &["r".to_owned()], 60).unwrap();
+        let identity = cache.verify(&verifier, &token).unwrap();
+        assert_eq!(cache.verified.borrow().len(), 1);
+        assert_eq!(cache.verify(&verifier, &token).unwrap(), identity);
+
+        // An entry past its time is verified again (and this one fails).
+        let forged = "not.a.token";
+        let stale = Identity {
+            subject: "mallory".into(),
+            roles: vec!["admin".into()],
+        };
+        let past = jsonwebtoken::get_current_timestamp() - 1;
+        cache.verified.borrow_mut().insert(forged.into(), (stale, past));
+        assert!(cache.verify(&verifier, forged).is_err());
+        assert!(
+            !cache.verified.borrow().contains_key(forged),
+            "the stale entry is dropped"
+        );
+
+        // Refused tokens are never kept.
+        assert!(cache.verify(&verifier, "still.not.valid").is_err());
+        assert_eq!(cache.verified.borrow().len(), 1);
+    }
+
+    #[test]
+    fn the_token_cache_stays_bounded() {
+        let settings = hs_settings();
+        let verifier = Verifier::new(&settings).unwrap();
+        let cache = TokenCache::default();
+        for n in 0..=TokenCache::ENTRIES {
+            let token = mint_token(&settings, &format!("u{n}"), &[], 60).unwrap();
+            cache.verify(&verifier, &token).unwrap();
+        }
+        assert!(cache.verified.borrow().len() <= TokenCache::ENTRIES);
+        let long_subject = "s".repeat(TokenCache::MAX_TOKEN_BYTES);
+        let long = mint_token(&settings, &long_subject, &[], 60).unwrap();
+        assert_eq!(cache.verify(&verifier, &long).unwrap().subject, long_subject);
+        assert!(!cache.verified.borrow().contains_key(long.as_str()), "too long to keep");
     }
 }

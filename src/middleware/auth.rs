@@ -6,7 +6,9 @@
 //! headers) and the user-keyed rate limits.
 //!
 //! Tokens are read from the `Authorization` header only, never from the query
-//! string or cookies.
+//! string or cookies. Each worker remembers the tokens it has verified until
+//! they expire ([`TokenCache`]), so a client's repeated token is checked
+//! against its `exp` only.
 
 use std::future::{ready, Ready};
 use std::rc::Rc;
@@ -19,7 +21,7 @@ use actix_web::{Error, HttpMessage};
 use actix_web_httpauth::headers::authorization::Bearer;
 use futures_util::future::Either;
 
-use crate::auth::{Identity, Verifier};
+use crate::auth::{Identity, TokenCache, Verifier};
 use crate::error::GatewayError;
 use crate::middleware::route_match::Routed;
 use crate::middleware::{passthrough, Passthrough};
@@ -34,7 +36,11 @@ pub fn bearer_token(value: &HeaderValue) -> Option<Bearer> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Bearer::new(token.to_owned()))
 }
 
-fn authenticate(req: &ServiceRequest, verifier: &Verifier) -> Result<Option<Identity>, GatewayError> {
+fn authenticate(
+    req: &ServiceRequest,
+    verifier: &Verifier,
+    tokens: &TokenCache,
+) -> Result<Option<Identity>, GatewayError> {
     let extensions = req.extensions();
     let Some(route) = extensions.get::<Routed>().and_then(Routed::route) else {
         return Ok(None);
@@ -47,8 +53,8 @@ fn authenticate(req: &ServiceRequest, verifier: &Verifier) -> Result<Option<Iden
         .get(header::AUTHORIZATION)
         .and_then(bearer_token)
         .ok_or(GatewayError::TokenRequired)?;
-    let identity = verifier
-        .verify(token.token())
+    let identity = tokens
+        .verify(verifier, token.token())
         .map_err(|err| GatewayError::InvalidToken(err.to_string()))?;
     if !identity.has_any_role(&route.roles) {
         return Err(GatewayError::InsufficientPermissions);
@@ -82,6 +88,7 @@ where
         ready(Ok(AuthenticationService {
             service: Rc::new(service),
             verifier: self.verifier.clone(),
+            tokens: TokenCache::default(),
         }))
     }
 }
@@ -89,6 +96,8 @@ where
 pub struct AuthenticationService<S> {
     service: Rc<S>,
     verifier: Option<Arc<Verifier>>,
+    /// This worker's verified tokens.
+    tokens: TokenCache,
 }
 
 impl<S, B> Service<ServiceRequest> for AuthenticationService<S>
@@ -104,7 +113,7 @@ where
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let outcome = match &self.verifier {
-            Some(verifier) => authenticate(&req, verifier),
+            Some(verifier) => authenticate(&req, verifier, &self.tokens),
             None => Ok(None),
         };
         match outcome {

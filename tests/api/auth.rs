@@ -657,6 +657,30 @@ async fn roles_claim_names_the_claim_that_holds_the_roles() {
 }
 
 // ---------------------------------------------------------------------------
+/// The gateway remembers tokens it has verified, but a remembered token is
+/// refused from the second after its `exp` (plus `leeway_s`) exactly as a
+/// new one would be.
+#[actix_web::test]
+async fn a_token_accepted_before_is_refused_once_it_expires() {
+    let upstream = Upstream::start("api");
+    let gateway = auth_gateway(&upstream, &format!("jwt_secret = \"{SECRET}\"\nleeway_s = 1"));
+    let exp = now() + 1;
+    let token = hs256(&with(valid("alice"), "exp", json!(exp)));
+
+    for _ in 0..3 {
+        let reply = send(&gateway, "/api/users", &bearer(&token)).await;
+        assert_eq!(reply.status, 200, "before exp: {}", reply.text());
+    }
+    // Accepted through exp + leeway_s; refused once the clock passes it.
+    while now() <= exp + 1 {
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let reply = send(&gateway, "/api/users", &bearer(&token)).await;
+    assert_eq!((reply.status, reply.text()), (403, INVALID_TOKEN.to_owned()));
+    assert_eq!(upstream.hits(), 3, "the expired request never reached the upstream");
+}
+
+// ---------------------------------------------------------------------------
 // What the upstream learns
 // ---------------------------------------------------------------------------
 
