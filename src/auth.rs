@@ -140,13 +140,13 @@ impl Verifier {
     /// Verifies signature, algorithm, `exp` (required), `nbf`, `iss`, `aud`,
     /// and reads `sub` and the roles claim.
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
-        self.verify_until(token).map(|(identity, _)| identity)
+        self.verify_window(token).map(|(identity, _)| identity)
     }
 
-    /// [`Verifier::verify`], and the last second (Unix time) at which the
-    /// token is still accepted: `exp` plus the leeway, when `exp` is an
-    /// integer. Every other check holds for good once it has passed.
-    pub fn verify_until(&self, token: &str) -> Result<(Identity, Option<u64>), TokenError> {
+    /// [`Verifier::verify`], and the seconds during which the token is
+    /// accepted (when `exp`, and `nbf` if present, are integers). The other
+    /// checks do not depend on the time.
+    pub fn verify_window(&self, token: &str) -> Result<(Identity, Option<Window>), TokenError> {
         let (key, validation): &(DecodingKey, Validation) = match &self.only {
             // `decode` itself refuses any other `alg`: reading the header
             // here as well would parse it a third time per request.
@@ -179,11 +179,32 @@ impl Verifier {
         if roles.iter().any(|role| role.chars().any(char::is_control)) {
             return Err(TokenError::ControlCharacter("roles"));
         }
-        let accepted_until = claims
+        let leeway = validation.leeway;
+        let from = match claims.get("nbf") {
+            None => Some(0),
+            Some(nbf) => nbf.as_u64().map(|nbf| nbf.saturating_sub(leeway)),
+        };
+        let until = claims
             .get("exp")
             .and_then(Value::as_u64)
-            .map(|exp| exp.saturating_add(validation.leeway));
-        Ok((Identity { subject, roles }, accepted_until))
+            .map(|exp| exp.saturating_add(leeway));
+        let window = from.zip(until).map(|(from, until)| Window { from, until });
+        Ok((Identity { subject, roles }, window))
+    }
+}
+
+/// The Unix seconds, both ends included, during which a token is accepted:
+/// jsonwebtoken's rules (`nbf` no later than now + leeway, `exp` no earlier
+/// than now − leeway) turned around.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub from: u64,
+    pub until: u64,
+}
+
+impl Window {
+    pub fn contains(&self, now: u64) -> bool {
+        (self.from..=self.until).contains(&now)
     }
 }
 
@@ -192,15 +213,15 @@ impl Verifier {
 /// A client sends the same token with every request of its lifetime, and
 /// verifying it (jsonwebtoken parses the header twice and the claims twice,
 /// then checks the signature) is most of what auth costs a request. Only a
-/// byte-identical token hits, so the signature is part of the key; `exp` is
-/// checked again on every hit with the verifier's rule (accepted through
-/// `exp` + leeway); `nbf`, `iss`, `aud`, the algorithm and the keys cannot
-/// change for a token that passed once. Bounded: at most
+/// byte-identical token hits, so the signature is part of the key; `exp` and
+/// `nbf` are checked again on every hit with the verifier's rules (its
+/// [`Window`]); `iss`, `aud`, the algorithm and the keys cannot change for a
+/// token that passed once. Bounded: at most
 /// [`TokenCache::ENTRIES`] tokens of at most [`TokenCache::MAX_TOKEN_BYTES`]
 /// each, and emptied when full.
 #[derive(Default)]
 pub struct TokenCache {
-    verified: RefCell<HashMap<Box<str>, (Identity, u64)>>,
+    verified: RefCell<HashMap<Box<str>, (Identity, Window)>>,
 }
 
 impl TokenCache {
@@ -209,18 +230,18 @@ impl TokenCache {
 
     pub fn verify(&self, verifier: &Verifier, token: &str) -> Result<Identity, TokenError> {
         let now = jsonwebtoken::get_current_timestamp();
-        if let Some((identity, until)) = self.verified.borrow().get(token) {
-            if now <= *until {
+        if let Some((identity, window)) = self.verified.borrow().get(token) {
+            if window.contains(now) {
                 return Ok(identity.clone());
             }
         }
-        match verifier.verify_until(token) {
-            Ok((identity, Some(until))) if token.len() <= Self::MAX_TOKEN_BYTES => {
+        match verifier.verify_window(token) {
+            Ok((identity, Some(window))) if token.len() <= Self::MAX_TOKEN_BYTES => {
                 let mut verified = self.verified.borrow_mut();
                 if verified.len() >= Self::ENTRIES {
                     verified.clear();
                 }
-                verified.insert(token.into(), (identity.clone(), until));
+                verified.insert(token.into(), (identity.clone(), window));
                 Ok(identity)
             }
             Ok((identity, _)) => Ok(identity),
@@ -388,23 +409,25 @@ mod tests {
     }
 
     #[test]
-    fn a_verified_token_is_accepted_until_exp_plus_leeway() {
+    fn the_acceptance_window_is_nbf_minus_leeway_through_exp_plus_leeway() {
         let settings = AuthSettings {
             leeway_s: 7,
             ..hs_settings()
         };
         let verifier = Verifier::new(&settings).unwrap();
         let token = mint_token(&settings, "u", &[], 60).unwrap();
-        let (_, until) = verifier.verify_until(&token).unwrap();
+        let (_, window) = verifier.verify_window(&token).unwrap();
+        let window = window.expect("integer exp, no nbf");
         let now = jsonwebtoken::get_current_timestamp();
-        assert!(
-            until.is_some_and(|until| (now + 60 + 7).abs_diff(until) <= 1),
-            "{until:?}"
-        );
+        assert_eq!(window.from, 0, "no nbf: no lower bound");
+        assert!((now + 60 + 7).abs_diff(window.until) <= 1, "{window:?}");
+
+        let window = Window { from: 10, until: 20 };
+        assert!(!window.contains(9) && window.contains(10) && window.contains(20) && !window.contains(21));
     }
 
     #[test]
-    fn the_token_cache_serves_verified_tokens_and_never_a_stale_one() {
+    fn the_token_cache_serves_tokens_only_inside_their_window() {
         let settings = hs_settings();
         let verifier = Verifier::new(&settings).unwrap();
         let cache = TokenCache::default();
@@ -413,19 +436,43 @@ mod tests {
         assert_eq!(cache.verified.borrow().len(), 1);
         assert_eq!(cache.verify(&verifier, &token).unwrap(), identity);
 
-        // An entry past its time is verified again (and this one fails).
-        let forged = "not.a.token";
-        let stale = Identity {
+        // A hit does not verify again: an entry planted for a string that is
+        // no token is served while its window holds...
+        let now = jsonwebtoken::get_current_timestamp();
+        let planted = "not.a.token";
+        let mallory = Identity {
             subject: "mallory".into(),
             roles: vec!["admin".into()],
         };
-        let past = jsonwebtoken::get_current_timestamp() - 1;
-        cache.verified.borrow_mut().insert(forged.into(), (stale, past));
-        assert!(cache.verify(&verifier, forged).is_err());
-        assert!(
-            !cache.verified.borrow().contains_key(forged),
-            "the stale entry is dropped"
-        );
+        let window = Window {
+            from: now,
+            until: now + 60,
+        };
+        cache
+            .verified
+            .borrow_mut()
+            .insert(planted.into(), (mallory.clone(), window));
+        assert_eq!(cache.verify(&verifier, planted).unwrap(), mallory);
+
+        // ...and outside it, before or after, is verified again (and fails,
+        // and is dropped).
+        for window in [
+            Window {
+                from: now + 5,
+                until: now + 60,
+            },
+            Window {
+                from: 0,
+                until: now - 1,
+            },
+        ] {
+            cache
+                .verified
+                .borrow_mut()
+                .insert(planted.into(), (mallory.clone(), window));
+            assert!(cache.verify(&verifier, planted).is_err(), "{window:?}");
+            assert!(!cache.verified.borrow().contains_key(planted), "{window:?}");
+        }
 
         // Refused tokens are never kept.
         assert!(cache.verify(&verifier, "still.not.valid").is_err());
@@ -442,9 +489,27 @@ mod tests {
             cache.verify(&verifier, &token).unwrap();
         }
         assert!(cache.verified.borrow().len() <= TokenCache::ENTRIES);
-        let long_subject = "s".repeat(TokenCache::MAX_TOKEN_BYTES);
-        let long = mint_token(&settings, &long_subject, &[], 60).unwrap();
-        assert_eq!(cache.verify(&verifier, &long).unwrap().subject, long_subject);
+
+        // A token of exactly the limit is kept, one byte more is not.
+        let mut subject = String::from("s");
+        let at_limit = loop {
+            let token = mint_token(&settings, &subject, &[], 60).unwrap();
+            if token.len() >= TokenCache::MAX_TOKEN_BYTES {
+                break token;
+            }
+            subject.push('s');
+        };
+        cache.verified.borrow_mut().clear();
+        cache.verify(&verifier, &at_limit).unwrap();
+        let kept = cache.verified.borrow().contains_key(at_limit.as_str());
+        assert_eq!(
+            kept,
+            at_limit.len() == TokenCache::MAX_TOKEN_BYTES,
+            "{} bytes",
+            at_limit.len()
+        );
+        let long = mint_token(&settings, &"s".repeat(TokenCache::MAX_TOKEN_BYTES), &[], 60).unwrap();
+        cache.verify(&verifier, &long).unwrap();
         assert!(!cache.verified.borrow().contains_key(long.as_str()), "too long to keep");
     }
 }
