@@ -326,13 +326,13 @@ pub fn remember_peer(connection: &dyn std::any::Any, extensions: &mut actix_http
     let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() else {
         return;
     };
-    if let Some(text) = stream
-        .peer_addr()
-        .ok()
-        .and_then(|peer| HeaderValue::from_str(&peer.ip().to_string()).ok())
-    {
+    if let Some(text) = stream.peer_addr().ok().and_then(|peer| peer_header(peer.ip())) {
         extensions.insert(PeerText(text));
     }
+}
+
+fn peer_header(ip: std::net::IpAddr) -> Option<HeaderValue> {
+    HeaderValue::from_str(&ip.to_string()).ok()
 }
 
 fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
@@ -357,7 +357,7 @@ fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
     let peer_text = match req.conn_data::<PeerText>() {
         Some(PeerText(text)) => text.clone(),
         None => peer
-            .and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok())
+            .and_then(peer_header)
             .unwrap_or_else(|| HeaderValue::from_static("")),
     };
     let prior: Vec<&str> = if trusted_peer {

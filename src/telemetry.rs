@@ -29,9 +29,9 @@ const LOG_QUEUE_LINES: usize = 16 * 1024;
 /// Lines are written by a dedicated thread through a buffer that it flushes
 /// whenever it has drained what was logged: under load many lines share one
 /// `write`, and the HTTP workers never wait on stderr. Nothing is dropped: a
-/// worker only blocks when [`LOG_QUEUE_LINES`] lines are waiting. Keep the returned guard
-/// for the life of the process: dropping it flushes what is left (waiting up
-/// to a second for the writer thread to drain).
+/// worker only blocks when [`LOG_QUEUE_LINES`] lines are waiting. Keep the
+/// returned guard for the life of the process: dropping it flushes what is
+/// left (waiting up to a second for the writer thread to drain).
 pub fn init() -> WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)

@@ -7,8 +7,8 @@
 //!
 //! Tokens are read from the `Authorization` header only, never from the query
 //! string or cookies. Each worker remembers the tokens it has verified until
-//! they expire ([`TokenCache`]), so a client's repeated token is checked
-//! against its `exp` only.
+//! they expire ([`TokenCache`]), so a client's repeated token only has its
+//! `exp` and `nbf` checked again.
 
 use std::future::{ready, Ready};
 use std::rc::Rc;

@@ -32,9 +32,10 @@ const POOL_SIZE_PER_WORKER: usize = 2;
 ///
 /// Every argument handed to `redis.call` is a string: Lua numbers are
 /// doubles, and Redis (7.0 at least) formats each one with `%.17g`, which
-/// was the costliest part of the script. Members are `<µs>:<suffix>`, so the oldest
-/// admission time is read from the member rather than from a formatted score.
-/// Microseconds since the epoch (about 2^51) are exact in a double.
+/// was the costliest part of the script. Members are `<µs>:<suffix>`, so the
+/// oldest admission time is read from the member rather than from a
+/// formatted score. Microseconds since the epoch (about 2^51) are exact in a
+/// double.
 const SLIDING_LOG: &str = r#"
 local time = redis.call('TIME')
 local now_text = time[1] .. string.rep('0', 6 - #time[2]) .. time[2]

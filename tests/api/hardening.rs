@@ -589,13 +589,19 @@ fn read_one_kept_alive_response(stream: &mut TcpStream) -> String {
     }
 }
 
+/// One worker (so both requests share its connection watch) and a short
+/// head timeout, in front of `upstream` at `/api`.
+fn one_worker_with_300_ms_head_timeout(upstream: &Upstream) -> TestGateway {
+    TestGateway::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\nclient_request_timeout_ms = 300\n{}",
+        service_at("api", "/api", &[upstream.url()])
+    ))
+}
+
 #[actix_web::test]
 async fn a_keep_alive_connection_stalled_in_its_second_request_head_is_closed() {
     let upstream = Upstream::start("keep-alive");
-    let gateway = TestGateway::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\nclient_request_timeout_ms = 300\n{}",
-        service_at("api", "/api", &[upstream.url()])
-    ));
+    let gateway = one_worker_with_300_ms_head_timeout(&upstream);
     let address = gateway.address;
     let closed_after = actix_web::rt::task::spawn_blocking(move || {
         let mut stream = TcpStream::connect(address).unwrap();
@@ -619,10 +625,7 @@ async fn a_keep_alive_connection_stalled_in_its_second_request_head_is_closed() 
 #[actix_web::test]
 async fn a_slow_response_on_a_kept_alive_connection_is_not_cut() {
     let upstream = Upstream::start("slow-keep-alive");
-    let gateway = TestGateway::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\nclient_request_timeout_ms = 300\n{}",
-        service_at("api", "/api", &[upstream.url()])
-    ));
+    let gateway = one_worker_with_300_ms_head_timeout(&upstream);
     let address = gateway.address;
     let second = actix_web::rt::task::spawn_blocking(move || {
         let mut stream = TcpStream::connect(address).unwrap();
