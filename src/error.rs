@@ -21,6 +21,8 @@ pub enum GatewayError {
     PayloadTooLarge,
     #[error("request head larger than server.max_header_bytes")]
     HeaderFieldsTooLarge,
+    #[error("request line alone larger than server.max_header_bytes")]
+    UriTooLong,
     #[error("access token required")]
     TokenRequired,
     #[error("invalid token: {0}")]
@@ -40,6 +42,8 @@ pub enum GatewayError {
     ServiceUnavailable { service: String, reason: String },
     #[error("service {service} gave no response head in time")]
     GatewayTimeout { service: String },
+    #[error("service {service} sent a response that cannot be parsed: {reason}")]
+    BadGateway { service: String, reason: String },
     #[error("internal gateway error: {0}")]
     Internal(String),
 }
@@ -60,6 +64,7 @@ impl GatewayError {
             Self::MethodNotAllowed { .. } => "Method not allowed",
             Self::PayloadTooLarge => "Payload too large",
             Self::HeaderFieldsTooLarge => "Request header fields too large",
+            Self::UriTooLong => "URI too long",
             Self::TokenRequired => "Access token required",
             Self::InvalidToken(_) => "Invalid token",
             Self::InsufficientPermissions => "Insufficient permissions",
@@ -67,13 +72,16 @@ impl GatewayError {
             Self::RateLimitBackendUnavailable => "Rate limit backend unavailable",
             Self::ServiceUnavailable { .. } => "Service unavailable",
             Self::GatewayTimeout { .. } => "Gateway timeout",
+            Self::BadGateway { .. } => "Bad gateway",
             Self::Internal(_) => "Internal gateway error",
         }
     }
 
     fn service(&self) -> Option<&str> {
         match self {
-            Self::ServiceUnavailable { service, .. } | Self::GatewayTimeout { service } => Some(service),
+            Self::ServiceUnavailable { service, .. }
+            | Self::GatewayTimeout { service }
+            | Self::BadGateway { service, .. } => Some(service),
             _ => None,
         }
     }
@@ -87,11 +95,13 @@ impl ResponseError for GatewayError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeaderFieldsTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::TokenRequired => StatusCode::UNAUTHORIZED,
             Self::InvalidToken(_) | Self::InsufficientPermissions => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::RateLimitBackendUnavailable | Self::ServiceUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -148,6 +158,15 @@ mod tests {
                 GatewayError::HeaderFieldsTooLarge,
                 431,
                 r#"{"error":"Request header fields too large"}"#,
+            ),
+            (GatewayError::UriTooLong, 414, r#"{"error":"URI too long"}"#),
+            (
+                GatewayError::BadGateway {
+                    service: "user".into(),
+                    reason: "too many headers".into(),
+                },
+                502,
+                r#"{"error":"Bad gateway","service":"user"}"#,
             ),
             (GatewayError::TokenRequired, 401, r#"{"error":"Access token required"}"#),
             (

@@ -49,6 +49,11 @@ pub struct Gateway {
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub request_timeout: Duration,
+    /// `None`: an upstream body may pause for ever.
+    pub body_idle_timeout: Option<Duration>,
+    /// Some route keeps `%2F` encoded, so a path refused for one is looked
+    /// up again before the 400.
+    pub any_route_allows_encoded_slash: bool,
 }
 
 impl Gateway {
@@ -104,6 +109,9 @@ impl Gateway {
                 roles: route.roles.clone(),
                 methods,
                 strip_prefix: route.strip_prefix,
+                preserve_host: route.preserve_host,
+                allow_encoded_slash: route.allow_encoded_slash,
+                security_headers: route.security_headers,
                 rate_limit: match &route.rate_limit {
                     None => None,
                     Some(policy) => Some(
@@ -113,6 +121,7 @@ impl Gateway {
                 },
             });
         }
+        let any_route_allows_encoded_slash = routes.iter().any(|route| route.allow_encoded_slash);
         Ok(Self {
             services,
             routes: RouteTable::new(routes),
@@ -122,6 +131,11 @@ impl Gateway {
             max_body_bytes: settings.server.max_body_bytes,
             max_header_bytes: settings.server.max_header_bytes,
             request_timeout: Duration::from_millis(settings.upstream.request_timeout_ms),
+            body_idle_timeout: match settings.upstream.body_idle_timeout_ms {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
+            any_route_allows_encoded_slash,
         })
     }
 

@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use actix::Addr;
 use actix_http::body::{self as http_body, BoxBody, SizedStream};
+use actix_http::error::ParseError;
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::uri::{PathAndQuery, Uri};
-use actix_web::http::{Method, StatusCode};
+use actix_web::http::{ConnectionType, Method, StatusCode, Version};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
-use awc::error::{PayloadError, SendRequestError};
+use awc::error::{ConnectError, PayloadError, SendRequestError};
 use bytes::Bytes;
 use futures_util::Stream;
 
@@ -32,7 +33,7 @@ use crate::auth::Identity;
 use crate::error::GatewayError;
 use crate::gateway::{Gateway, Instance, Service};
 use crate::middleware::request_id::{RequestId, X_REQUEST_ID};
-use crate::routing::{strip_route_prefix, Route};
+use crate::routing::{request_host, strip_route_prefix, Route};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -63,10 +64,15 @@ pub struct WorkerContext {
 /// Why one attempt to reach an instance failed.
 #[derive(Debug)]
 enum Failure {
+    /// No connection was made: nothing was sent, not even the head.
     Connect(String),
-    /// Reset or garbled before the response head.
+    /// The connection broke after the request started, before a response head.
     Reset(String),
     Timeout,
+    /// The instance answered with a head the client cannot parse (a garbled
+    /// line, more header lines than awc accepts). A client can provoke this
+    /// on purpose, so it says nothing about the instance's health.
+    BadResponse(String),
     /// The request body outgrew `max_body_bytes` while streaming.
     BodyTooLarge,
     /// The client's own body failed (disconnect, bad chunking).
@@ -78,10 +84,18 @@ impl Failure {
     fn classify(error: SendRequestError, body_overflowed: bool) -> Self {
         match error {
             _ if body_overflowed => Self::BodyTooLarge,
+            // awc reports a connection that ended before any response head
+            // (after the request was written) as `Disconnected`.
+            SendRequestError::Connect(ConnectError::Disconnected) => {
+                Self::Reset("connection closed before the response head".to_owned())
+            }
             SendRequestError::Connect(err) => Self::Connect(err.to_string()),
             SendRequestError::Timeout => Self::Timeout,
             SendRequestError::Send(err) => Self::Reset(err.to_string()),
-            SendRequestError::Response(err) => Self::Reset(err.to_string()),
+            SendRequestError::Response(err @ (ParseError::Io(_) | ParseError::Incomplete)) => {
+                Self::Reset(err.to_string())
+            }
+            SendRequestError::Response(err) => Self::BadResponse(err.to_string()),
             SendRequestError::H2(err) => Self::Reset(err.to_string()),
             SendRequestError::Body(_) => Self::ClientBody,
             other => Self::Internal(other.to_string()),
@@ -93,16 +107,12 @@ impl Failure {
         matches!(self, Self::Connect(_) | Self::Reset(_) | Self::Timeout)
     }
 
-    /// Failures after which a body-less request may go to another instance.
-    fn is_retryable(&self) -> bool {
-        matches!(self, Self::Connect(_) | Self::Reset(_))
-    }
-
     fn kind(&self) -> &'static str {
         match self {
             Self::Connect(_) => "connect",
             Self::Reset(_) => "reset",
             Self::Timeout => "timeout",
+            Self::BadResponse(_) => "bad_response",
             Self::BodyTooLarge => "body_too_large",
             Self::ClientBody => "client_body",
             Self::Internal(_) => "internal",
@@ -114,6 +124,7 @@ impl Failure {
         match self {
             Self::Connect(reason) | Self::Reset(reason) => GatewayError::ServiceUnavailable { service, reason },
             Self::Timeout => GatewayError::GatewayTimeout { service },
+            Self::BadResponse(reason) => GatewayError::BadGateway { service, reason },
             Self::BodyTooLarge => GatewayError::PayloadTooLarge,
             Self::ClientBody => GatewayError::BadRequest("request body failed"),
             Self::Internal(reason) => GatewayError::Internal(reason),
@@ -141,47 +152,44 @@ pub async fn forward(
     let service = &ctx.gateway.services[route.service];
     let path_and_query = upstream_path_and_query(req, route, path)?;
     let body = RequestBody::of(req, payload, ctx.gateway.max_body_bytes);
-    let retry_allowed = body.is_replayable();
+    let framing = body.framing();
+    let progress = body.progress();
+    let forwarding = Forwarding {
+        ctx,
+        req,
+        route,
+        path_and_query: &path_and_query,
+        deadline,
+    };
 
     let first = pick(ctx, route.service, None)
         .await?
         .ok_or_else(|| unavailable(service, "no healthy instance"))?;
-    let failure = match attempt(
-        ctx,
-        req,
-        route.service,
-        first,
-        &path_and_query,
-        upstream_headers(req, &ctx.gateway),
-        body,
-        deadline,
-    )
-    .await
-    {
+    let failure = match forwarding.attempt(first, body).await {
         Ok(response) => return Ok(response),
         Err(failure) => failure,
     };
-    if !(retry_allowed && failure.is_retryable()) || Instant::now() >= deadline {
+    let retry_body = match (&failure, framing) {
+        (Failure::Connect(_) | Failure::Reset(_), Framing::None) => Some(RequestBody::None),
+        (Failure::Connect(_) | Failure::Reset(_), Framing::Empty) => Some(RequestBody::Empty),
+        // Nothing reached the instance, and awc only reads the client's
+        // body once connected, so the body is still whole.
+        (Failure::Connect(_), framing) => progress
+            .and_then(|progress| progress.untouched.take())
+            .map(|payload| RequestBody::with(framing, payload, ctx.gateway.max_body_bytes)),
+        _ => None,
+    };
+    let Some(retry_body) = retry_body.filter(|_| Instant::now() < deadline) else {
         return Err(failure.into_error(service));
-    }
+    };
     let Some(second) = pick(ctx, route.service, Some(first)).await? else {
         return Err(failure.into_error(service));
     };
     tracing::debug!(failed = %service.instances[first].url, retry = %service.instances[second].url, "retrying on the next instance");
-    let body = RequestBody::replay(req);
-    attempt(
-        ctx,
-        req,
-        route.service,
-        second,
-        &path_and_query,
-        // Built again rather than cloned up front: retries are rare.
-        upstream_headers(req, &ctx.gateway),
-        body,
-        deadline,
-    )
-    .await
-    .map_err(|failure| failure.into_error(service))
+    forwarding
+        .attempt(second, retry_body)
+        .await
+        .map_err(|failure| failure.into_error(service))
 }
 
 async fn pick(ctx: &WorkerContext, service: usize, exclude: Option<usize>) -> Result<Option<usize>, GatewayError> {
@@ -191,59 +199,69 @@ async fn pick(ctx: &WorkerContext, service: usize, exclude: Option<usize>) -> Re
         .map_err(|err| GatewayError::Internal(format!("balancer unavailable: {err}")))
 }
 
-/// One try against one instance; on success the response is already built.
-#[allow(clippy::too_many_arguments)]
-async fn attempt(
-    ctx: &WorkerContext,
-    req: &HttpRequest,
-    service_index: usize,
-    index: usize,
-    path_and_query: &PathAndQuery,
-    mut headers: HeaderMap,
-    body: RequestBody,
+/// What every attempt of one forward shares.
+struct Forwarding<'a> {
+    ctx: &'a WorkerContext,
+    req: &'a HttpRequest,
+    route: &'a Route,
+    path_and_query: &'a PathAndQuery,
     deadline: Instant,
-) -> Result<HttpResponse, Failure> {
-    let instance = &ctx.gateway.services[service_index].instances[index];
-    tracing::Span::current().record("instance", instance.url.as_str());
-    headers.insert(header::HOST, instance.host.clone());
-    let uri = upstream_uri(instance, path_and_query).map_err(Failure::Internal)?;
+}
 
-    let mut request = ctx.clients[service_index][index]
-        .request(req.method().clone(), uri)
-        .timeout(deadline.saturating_duration_since(Instant::now()))
-        .no_decompress();
-    *request.headers_mut() = headers;
+impl Forwarding<'_> {
+    /// One try against one instance; on success the response is already built.
+    async fn attempt(&self, index: usize, body: RequestBody) -> Result<HttpResponse, Failure> {
+        let Self { ctx, req, route, .. } = *self;
+        let service_index = route.service;
+        let instance = &ctx.gateway.services[service_index].instances[index];
+        tracing::Span::current().record("instance", instance.url.as_str());
+        let mut headers = upstream_headers(req, &ctx.gateway);
+        let host = match route.preserve_host {
+            true => client_host(req).and_then(|host| HeaderValue::from_str(host).ok()),
+            false => None,
+        };
+        headers.insert(header::HOST, host.unwrap_or_else(|| instance.host.clone()));
+        let uri = upstream_uri(instance, self.path_and_query).map_err(Failure::Internal)?;
 
-    let progress = body.progress();
-    let sent = match body {
-        RequestBody::None => request.send_body(http_body::None::new()).await,
-        RequestBody::Empty => request.send_body(()).await,
-        RequestBody::Sized(length, stream) => request.send_body(SizedStream::new(length, stream)).await,
-        RequestBody::Chunked(stream) => request.send_stream(stream).await,
-    };
-    match sent {
-        Ok(response) => {
-            ctx.passive.record_success(service_index, index);
-            Ok(client_response(response, req.method(), ctx.gateway.request_timeout))
-        }
-        Err(error) => {
-            let overflowed = progress.as_ref().is_some_and(|progress| progress.overflowed.get());
-            let failure = Failure::classify(error, overflowed);
-            tracing::warn!(instance = %instance.url, kind = failure.kind(), error = ?failure, "upstream request failed");
-            crate::metrics::upstream_error(&ctx.gateway.services[service_index].name, failure.kind());
-            // While the client's body is still arriving, a timeout or reset
-            // may be the client's doing (a stalled upload) or a legitimate
-            // early answer; only failures with the whole request sent say
-            // something about the instance.
-            let request_sent = progress.as_ref().is_none_or(|progress| progress.finished.get());
-            if request_sent && failure.counts_against_instance() && ctx.passive.record_failure(service_index, index) {
-                ctx.registry.do_send(ReportPassiveFailure {
-                    service: service_index,
-                    instance: index,
-                    reason: failure.kind().to_owned(),
-                });
+        let mut request = ctx.clients[service_index][index]
+            .request(req.method().clone(), uri)
+            .timeout(self.deadline.saturating_duration_since(Instant::now()))
+            .no_decompress();
+        *request.headers_mut() = headers;
+
+        let progress = body.progress();
+        let sent = match body {
+            RequestBody::None => request.send_body(http_body::None::new()).await,
+            RequestBody::Empty => request.send_body(()).await,
+            RequestBody::Sized(length, stream) => request.send_body(SizedStream::new(length, stream)).await,
+            RequestBody::Chunked(stream) => request.send_stream(stream).await,
+        };
+        match sent {
+            Ok(response) => {
+                ctx.passive.record_success(service_index, index);
+                Ok(client_response(response, req, route, instance, &ctx.gateway))
             }
-            Err(failure)
+            Err(error) => {
+                let overflowed = progress.as_ref().is_some_and(|progress| progress.overflowed.get());
+                let failure = Failure::classify(error, overflowed);
+                tracing::warn!(instance = %instance.url, kind = failure.kind(), error = ?failure, "upstream request failed");
+                crate::metrics::upstream_error(&ctx.gateway.services[service_index].name, failure.kind());
+                // While the client's body is still arriving, a timeout or reset
+                // may be the client's doing (a stalled upload) or a legitimate
+                // early answer; only failures with the whole request sent say
+                // something about the instance.
+                let request_sent = progress.as_ref().is_none_or(|progress| progress.finished.get());
+                let counts =
+                    failure.counts_against_instance() && (request_sent || matches!(failure, Failure::Connect(_)));
+                if counts && ctx.passive.record_failure(service_index, index) {
+                    ctx.registry.do_send(ReportPassiveFailure {
+                        service: service_index,
+                        instance: index,
+                        reason: failure.kind().to_owned(),
+                    });
+                }
+                Err(failure)
+            }
         }
     }
 }
@@ -288,6 +306,23 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
+/// [`is_hop_by_hop`] for a name given as text (the dashed form of an
+/// underscore spelling).
+fn is_hop_by_hop_name(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-connection"
+    )
+}
+
 /// The header names listed in `Connection`, lower-cased.
 fn connection_named(headers: &HeaderMap) -> Vec<String> {
     headers
@@ -303,9 +338,12 @@ fn connection_named(headers: &HeaderMap) -> Vec<String> {
 fn is_gateway_owned(name: &HeaderName, trusted_peer: bool) -> bool {
     let name = name.as_str();
     if name.contains('_') {
-        // CGI-style servers read `X_User_Id` as `X-User-Id`: compare the
-        // dashed form, so an underscore cannot smuggle an owned header.
-        return is_gateway_owned_name(&name.replace('_', "-"), trusted_peer);
+        // CGI-style servers read `X_User_Id` as `X-User-Id` and some back
+        // ends fold `Transfer_Encoding` into `Transfer-Encoding`: compare the
+        // dashed form, so an underscore can smuggle neither an owned header
+        // nor a second framing header.
+        let dashed = name.replace('_', "-");
+        return is_gateway_owned_name(&dashed, trusted_peer) || is_hop_by_hop_name(&dashed);
     }
     is_gateway_owned_name(name, trusted_peer)
 }
@@ -381,11 +419,12 @@ fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     if !headers.contains_key(&X_FORWARDED_HOST) {
-        let host = incoming.get(header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
-        });
+        // An absolute-form target's authority is the host (RFC 9112 §3.2.2);
+        // otherwise the `Host` header, reused without a copy.
+        let host = match req.uri().authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => incoming.get(header::HOST).cloned(),
+        };
         if let Some(host) = host {
             headers.insert(X_FORWARDED_HOST, host);
         }
@@ -406,16 +445,31 @@ fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
     headers
 }
 
+/// The host the client addressed, already validated by the route matcher.
+fn client_host(req: &HttpRequest) -> Option<&str> {
+    request_host(req.uri(), req.headers().get(header::HOST), req.version())
+        .ok()
+        .flatten()
+}
+
 /// The upstream's answer as the client's response: status, headers less
-/// hop-by-hop, `Server` and `X-Powered-By`, and the body as a stream.
-fn client_response(mut upstream: awc::ClientResponse, method: &Method, idle_timeout: Duration) -> HttpResponse {
+/// hop-by-hop, `Server` and `X-Powered-By`, redirects back through the
+/// gateway, and the body as a stream.
+fn client_response(
+    mut upstream: awc::ClientResponse,
+    req: &HttpRequest,
+    route: &Route,
+    instance: &Instance,
+    gateway: &Gateway,
+) -> HttpResponse {
+    let method = req.method();
     let status = upstream.status();
     let declared_length = upstream
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|text| text.trim().parse::<u64>().ok());
-    let payload = IdleTimeout::new(upstream.take_payload(), idle_timeout);
+    let payload = IdleTimeout::new(upstream.take_payload(), gateway.body_idle_timeout);
     let bodiless = method == Method::HEAD
         || status == StatusCode::NOT_MODIFIED
         || status.is_informational()
@@ -430,6 +484,13 @@ fn client_response(mut upstream: awc::ClientResponse, method: &Method, idle_time
     };
 
     let mut response = HttpResponse::with_body(status, body);
+    if !bodiless && declared_length.is_none() && req.version() == Version::HTTP_10 {
+        // HTTP/1.0 has no chunked coding (RFC 9112 §6.1): the body ends
+        // when the connection does.
+        let head = response.head_mut();
+        head.no_chunking(true);
+        head.set_connection_type(ConnectionType::Close);
+    }
     let named = connection_named(upstream.headers());
     let headers = response.headers_mut();
     // Room for the upstream's headers and the gateway's own (security,
@@ -444,6 +505,12 @@ fn client_response(mut upstream: awc::ClientResponse, method: &Method, idle_time
         {
             continue;
         }
+        if (name == header::LOCATION || name == header::CONTENT_LOCATION) && !route.preserve_host {
+            if let Some(rewritten) = rewrite_location(value, req, route, instance, gateway) {
+                headers.append(name.clone(), rewritten);
+                continue;
+            }
+        }
         headers.append(name.clone(), value.clone());
     }
     if status == StatusCode::NOT_MODIFIED {
@@ -454,22 +521,95 @@ fn client_response(mut upstream: awc::ClientResponse, method: &Method, idle_time
     response
 }
 
+/// A `Location` (or `Content-Location`) pointing at the instance, rewritten
+/// to the address the client used, as nginx's default `proxy_redirect`: the
+/// instance's URL becomes `<X-Forwarded-Proto>://<host>`, and under
+/// `strip_prefix` the route's prefix goes back in front of the path (of a
+/// root-relative value too). `None` leaves the value as the upstream sent it.
+fn rewrite_location(
+    value: &HeaderValue,
+    req: &HttpRequest,
+    route: &Route,
+    instance: &Instance,
+    gateway: &Gateway,
+) -> Option<HeaderValue> {
+    let text = value.to_str().ok()?;
+    let prefix = if route.strip_prefix {
+        route.prefix.trim_end_matches('/')
+    } else {
+        ""
+    };
+    let rewritten = if let Some(rest) = strip_instance_url(text, instance) {
+        let path_slash = if rest.starts_with('/') { "" } else { "/" };
+        match client_host(req) {
+            Some(host) => {
+                let proto = forwarded_proto(req, gateway);
+                format!("{proto}://{host}{prefix}{path_slash}{rest}")
+            }
+            None => format!("{prefix}{path_slash}{rest}"),
+        }
+    } else if route.strip_prefix && text.starts_with('/') && !text.starts_with("//") {
+        let rest = strip_base_path(text, &instance.base_path).unwrap_or(text);
+        let path_slash = if rest.starts_with('/') { "" } else { "/" };
+        format!("{prefix}{path_slash}{rest}")
+    } else {
+        return None;
+    };
+    HeaderValue::from_str(&rewritten).ok()
+}
+
+/// What follows the instance's URL (scheme, authority, base path) in `url`,
+/// if `url` is on the instance: empty or starting with `/`, `?` or `#`.
+fn strip_instance_url<'a>(url: &'a str, instance: &Instance) -> Option<&'a str> {
+    let (scheme, rest) = url.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case(instance.scheme.as_str()) {
+        return None;
+    }
+    let authority = instance.authority.as_str();
+    let on_instance = rest.get(..authority.len())?;
+    if !on_instance.eq_ignore_ascii_case(authority) {
+        return None;
+    }
+    strip_base_path(&rest[authority.len()..], &instance.base_path)
+}
+
+/// `path` without the instance's base path, on a segment boundary.
+fn strip_base_path<'a>(path: &'a str, base_path: &str) -> Option<&'a str> {
+    let rest = path.strip_prefix(base_path)?;
+    (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
+}
+
+/// The scheme the client used: a trusted proxy's `X-Forwarded-Proto`, else
+/// this listener's.
+fn forwarded_proto<'a>(req: &'a HttpRequest, gateway: &Gateway) -> &'a str {
+    let trusted_peer = req.peer_addr().is_some_and(|peer| gateway.is_trusted_proxy(peer.ip()));
+    let forwarded = req
+        .headers()
+        .get(&X_FORWARDED_PROTO)
+        .and_then(|value| value.to_str().ok())
+        .filter(|proto| trusted_peer && matches!(*proto, "http" | "https"));
+    forwarded.unwrap_or("http")
+}
+
 pin_project_lite::pin_project! {
-    /// The upstream's body, failing when no bytes arrive for `limit` (as
-    /// nginx's `proxy_read_timeout`), so a stalled upstream cannot hold the
-    /// client's connection forever. The timer is only created the first time
-    /// the body has to wait: bodies that arrive with their head cost nothing.
+    /// The upstream's body, failing when no bytes arrive for
+    /// `upstream.body_idle_timeout_ms` (as nginx's `proxy_read_timeout`), so
+    /// a stalled upstream cannot hold the client's connection forever; the
+    /// failure closes the client's connection, so the client sees the body
+    /// truncated. The timer is only created the first time the body has to
+    /// wait: bodies that arrive with their head cost nothing.
     struct IdleTimeout<S> {
         #[pin]
         inner: S,
-        limit: Duration,
+        // `None`: the body may pause for ever.
+        limit: Option<Duration>,
         #[pin]
         timer: Option<actix_rt::time::Sleep>,
     }
 }
 
 impl<S> IdleTimeout<S> {
-    fn new(inner: S, limit: Duration) -> Self {
+    fn new(inner: S, limit: Option<Duration>) -> Self {
         Self {
             inner,
             limit,
@@ -485,14 +625,17 @@ impl<S: Stream<Item = Result<Bytes, PayloadError>>> Stream for IdleTimeout<S> {
         let mut this = self.project();
         match this.inner.poll_next(cx) {
             Poll::Ready(item) => {
-                if let Some(timer) = this.timer.as_mut().as_pin_mut() {
-                    timer.reset((Instant::now() + *this.limit).into());
+                if let (Some(timer), Some(limit)) = (this.timer.as_mut().as_pin_mut(), *this.limit) {
+                    timer.reset((Instant::now() + limit).into());
                 }
                 Poll::Ready(item)
             }
             Poll::Pending => {
+                let Some(limit) = *this.limit else {
+                    return Poll::Pending;
+                };
                 if this.timer.is_none() {
-                    this.timer.set(Some(actix_rt::time::sleep(*this.limit)));
+                    this.timer.set(Some(actix_rt::time::sleep(limit)));
                 }
                 let timer = this.timer.as_pin_mut().expect("set above");
                 match timer.poll(cx) {
@@ -529,6 +672,15 @@ enum RequestBody {
     Chunked(CappedPayload),
 }
 
+/// How a request body is framed, without the body.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    None,
+    Empty,
+    Sized(u64),
+    Chunked,
+}
+
 impl RequestBody {
     fn of(req: &HttpRequest, payload: web::Payload, limit: u64) -> Self {
         let length = req
@@ -537,26 +689,31 @@ impl RequestBody {
             .and_then(|value| value.to_str().ok())
             .and_then(|text| text.parse::<u64>().ok());
         let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
-        match (length, chunked) {
-            (None, false) => Self::None,
-            (Some(0), false) => Self::Empty,
-            (Some(length), false) => Self::Sized(length, CappedPayload::new(payload, limit)),
-            (_, true) => Self::Chunked(CappedPayload::new(payload, limit)),
+        let framing = match (length, chunked) {
+            (None, false) => Framing::None,
+            (Some(0), false) => Framing::Empty,
+            (Some(length), false) => Framing::Sized(length),
+            (_, true) => Framing::Chunked,
+        };
+        Self::with(framing, payload, limit)
+    }
+
+    fn with(framing: Framing, payload: web::Payload, limit: u64) -> Self {
+        match framing {
+            Framing::None => Self::None,
+            Framing::Empty => Self::Empty,
+            Framing::Sized(length) => Self::Sized(length, CappedPayload::new(payload, limit)),
+            Framing::Chunked => Self::Chunked(CappedPayload::new(payload, limit)),
         }
     }
 
-    /// The same framing again, for a retry of a request without a body.
-    fn replay(req: &HttpRequest) -> Self {
-        if req.headers().contains_key(header::CONTENT_LENGTH) {
-            Self::Empty
-        } else {
-            Self::None
+    fn framing(&self) -> Framing {
+        match self {
+            Self::None => Framing::None,
+            Self::Empty => Framing::Empty,
+            Self::Sized(length, _) => Framing::Sized(*length),
+            Self::Chunked(_) => Framing::Chunked,
         }
-    }
-
-    /// Only a request whose (empty) body was not consumed can be sent twice.
-    fn is_replayable(&self) -> bool {
-        matches!(self, Self::None | Self::Empty)
     }
 
     fn progress(&self) -> Option<Rc<BodyProgress>> {
@@ -574,21 +731,36 @@ struct BodyProgress {
     overflowed: Cell<bool>,
     /// The whole body was read from the client.
     finished: Cell<bool>,
+    /// The client's body, handed back by a stream that awc dropped without
+    /// reading a byte (the connection never came up), for the next instance.
+    untouched: Cell<Option<web::Payload>>,
 }
 
 /// The client's body stream, failing once more than `remaining` bytes arrive.
 struct CappedPayload {
-    inner: web::Payload,
+    /// Always `Some` until dropped.
+    inner: Option<web::Payload>,
     remaining: u64,
+    /// Something was taken from `inner` (a chunk, an error or the end).
+    polled: bool,
     progress: Rc<BodyProgress>,
 }
 
 impl CappedPayload {
     fn new(inner: web::Payload, limit: u64) -> Self {
         Self {
-            inner,
+            inner: Some(inner),
             remaining: limit,
+            polled: false,
             progress: Rc::default(),
+        }
+    }
+}
+
+impl Drop for CappedPayload {
+    fn drop(&mut self) {
+        if !self.polled {
+            self.progress.untouched.set(self.inner.take());
         }
     }
 }
@@ -598,8 +770,13 @@ impl Stream for CappedPayload {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let item = std::task::ready!(Pin::new(inner).poll_next(cx));
+        this.polled = true;
+        match item {
+            Some(Ok(chunk)) => {
                 let size = chunk.len() as u64;
                 if size > this.remaining {
                     this.progress.overflowed.set(true);
@@ -608,11 +785,11 @@ impl Stream for CappedPayload {
                 this.remaining -= size;
                 Poll::Ready(Some(Ok(chunk)))
             }
-            Poll::Ready(None) => {
+            None => {
                 this.progress.finished.set(true);
                 Poll::Ready(None)
             }
-            other => other,
+            other => Poll::Ready(other),
         }
     }
 }

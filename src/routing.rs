@@ -17,7 +17,9 @@ pub enum InvalidPath {
     NotAbsolute,
     #[error("malformed percent-escape")]
     MalformedEscape,
-    #[error("encoded slash or backslash")]
+    #[error("encoded slash")]
+    EncodedSlash,
+    #[error("backslash or encoded backslash")]
     EncodedSeparator,
     #[error("control character")]
     ControlCharacter,
@@ -31,6 +33,16 @@ pub enum InvalidPath {
 ///
 /// Paths that need no change are returned borrowed.
 pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, InvalidPath> {
+    normalize(raw, false)
+}
+
+/// As [`normalize_path`], for routes with `allow_encoded_slash`: `%2F` is
+/// kept encoded, as part of its segment, and never treated as a separator.
+pub fn normalize_path_keeping_encoded_slashes(raw: &str) -> Result<Cow<'_, str>, InvalidPath> {
+    normalize(raw, true)
+}
+
+fn normalize(raw: &str, keep_encoded_slashes: bool) -> Result<Cow<'_, str>, InvalidPath> {
     let bytes = raw.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(InvalidPath::NotAbsolute);
@@ -51,7 +63,7 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, InvalidPath> {
     if !needs_work {
         return Ok(Cow::Borrowed(raw));
     }
-    let decoded = decode_unreserved(bytes)?;
+    let decoded = decode_unreserved(bytes, keep_encoded_slashes)?;
     Ok(Cow::Owned(resolve_segments(&decoded)?))
 }
 
@@ -75,8 +87,9 @@ fn is_unreserved(byte: u8) -> bool {
 }
 
 /// Decodes `%XX` where XX is an unreserved character; keeps every other
-/// escape as sent, refusing encoded separators and control characters.
-fn decode_unreserved(bytes: &[u8]) -> Result<String, InvalidPath> {
+/// escape as sent, refusing encoded separators (`%2F` unless kept) and
+/// control characters.
+fn decode_unreserved(bytes: &[u8], keep_encoded_slashes: bool) -> Result<String, InvalidPath> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -94,7 +107,9 @@ fn decode_unreserved(bytes: &[u8]) -> Result<String, InvalidPath> {
         };
         let value = high << 4 | low;
         match value {
-            b'/' | b'\\' => return Err(InvalidPath::EncodedSeparator),
+            b'/' if keep_encoded_slashes => out.extend_from_slice(&bytes[i..i + 3]),
+            b'/' => return Err(InvalidPath::EncodedSlash),
+            b'\\' => return Err(InvalidPath::EncodedSeparator),
             0..=0x1f | 0x7f => return Err(InvalidPath::ControlCharacter),
             v if is_unreserved(v) => out.push(v),
             _ => out.extend_from_slice(&bytes[i..i + 3]),
@@ -133,6 +148,55 @@ fn resolve_segments(path: &str) -> Result<String, InvalidPath> {
     Ok(out)
 }
 
+/// The host the client addressed (RFC 9112 §3.2–3.3): an absolute-form
+/// target's authority, else the `Host` header. `Err` for a value that is not
+/// `host[:port]`, and for an HTTP/1.1 request without a host; `Ok(None)` for
+/// an HTTP/1.0 request without one.
+pub fn request_host<'a>(
+    uri: &'a actix_web::http::Uri,
+    host_header: Option<&'a HeaderValue>,
+    version: actix_web::http::Version,
+) -> Result<Option<&'a str>, InvalidHost> {
+    let host = match (uri.authority(), host_header) {
+        (Some(authority), _) => authority.as_str(),
+        (None, Some(value)) => value.to_str().map_err(|_| InvalidHost)?,
+        (None, None) if version == actix_web::http::Version::HTTP_10 => return Ok(None),
+        (None, None) => return Err(InvalidHost),
+    };
+    if is_valid_host(host) {
+        Ok(Some(host))
+    } else {
+        Err(InvalidHost)
+    }
+}
+
+/// A `Host` that is not `host[:port]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid host")]
+pub struct InvalidHost;
+
+/// `uri-host [":" port]` (RFC 3986 §3.2.2): a bracketed IPv6 literal, or a
+/// non-empty name of unreserved, percent-escape and sub-delimiter characters;
+/// no user info, path, space or control character.
+fn is_valid_host(text: &str) -> bool {
+    let is_name_byte = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b);
+    let is_literal_byte = |b: u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
+    let (host_is_valid, port) = match text.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((literal, after)) if after.is_empty() || after.starts_with(':') => (
+                !literal.is_empty() && literal.bytes().all(is_literal_byte),
+                after.strip_prefix(':').unwrap_or(after),
+            ),
+            _ => return false,
+        },
+        None => {
+            let (host, port) = text.rsplit_once(':').unwrap_or((text, ""));
+            (!host.is_empty() && host.bytes().all(is_name_byte), port)
+        }
+    };
+    host_is_valid && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// SPEC §3 step 3: `path` equals `prefix`, or continues it after a `/`; a
 /// prefix ending in `/` matches every path that starts with it.
 pub fn prefix_matches(path: &str, prefix: &str) -> bool {
@@ -164,13 +228,39 @@ pub struct Route {
     /// `None` allows every method.
     pub methods: Option<Vec<Method>>,
     pub strip_prefix: bool,
+    /// Send the client's `Host` upstream, and leave `Location` alone.
+    pub preserve_host: bool,
+    /// `%2F` stays encoded in this route's paths instead of being refused.
+    pub allow_encoded_slash: bool,
+    /// helmet's headers on this route's responses.
+    pub security_headers: bool,
     /// The route's own policy, an index into the gateway's policies.
     pub rate_limit: Option<usize>,
 }
 
+/// What a route without `methods` allows, as listed in `Allow`: every
+/// method but `TRACE` (it echoes the request, credentials included) and
+/// `CONNECT` (a tunnel), which only a route listing them accepts.
+const METHODS_OF_AN_OPEN_ROUTE: [&str; 7] = ["DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"];
+
+/// The `Allow` value of a route without `methods`.
+pub const ALLOW_OF_AN_OPEN_ROUTE: HeaderValue =
+    HeaderValue::from_static("DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT");
+
 impl Route {
     fn allows(&self, method: &Method) -> bool {
-        self.methods.as_ref().is_none_or(|methods| methods.contains(method))
+        match &self.methods {
+            Some(methods) => methods.contains(method),
+            None => *method != Method::TRACE && *method != Method::CONNECT,
+        }
+    }
+
+    fn allowed_methods(&self) -> impl Iterator<Item = &str> {
+        let (listed, open): (&[Method], &[&str]) = match &self.methods {
+            Some(methods) => (methods, &[]),
+            None => (&[], &METHODS_OF_AN_OPEN_ROUTE),
+        };
+        listed.iter().map(Method::as_str).chain(open.iter().copied())
     }
 }
 
@@ -224,7 +314,7 @@ impl RouteTable {
             .routes
             .iter()
             .filter(|route| prefix_matches(path, &route.prefix))
-            .flat_map(|route| route.methods.iter().flatten().map(Method::as_str))
+            .flat_map(|route| route.allowed_methods())
             .collect();
         allowed.sort_unstable();
         allowed.dedup();
@@ -257,8 +347,8 @@ mod tests {
             ("/api/%20space", Ok("/api/%20space")),
             ("/api/..../x", Ok("/api/..../x")),
             ("/api/.hidden", Ok("/api/.hidden")),
-            ("/api/users%2F7", Err(InvalidPath::EncodedSeparator)),
-            ("/api/users%2f7", Err(InvalidPath::EncodedSeparator)),
+            ("/api/users%2F7", Err(InvalidPath::EncodedSlash)),
+            ("/api/users%2f7", Err(InvalidPath::EncodedSlash)),
             ("/api/users%5C7", Err(InvalidPath::EncodedSeparator)),
             ("/api/users%5c7", Err(InvalidPath::EncodedSeparator)),
             ("/api\\users", Err(InvalidPath::EncodedSeparator)),
@@ -280,6 +370,64 @@ mod tests {
             let got = normalize_path(raw);
             assert_eq!(got.as_deref().map_err(|e| *e), *expected, "normalizing {raw:?}");
         }
+    }
+
+    #[test]
+    fn hosts_must_be_a_name_or_address_with_an_optional_port() {
+        let valid = [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "xn--bcher-kva.example",
+            "a_b.example",
+            "localhost:",
+        ];
+        let invalid = [
+            "",
+            "a b",
+            "evil.example/../x",
+            "127.0.0.1@evil.example",
+            "user:pw@host",
+            "host:80:80",
+            "host:http",
+            "host:123456",
+            "[::1",
+            "[zz]",
+            "[::1]x",
+            ":80",
+            "host\\x",
+            "host?x",
+            "host#x",
+        ];
+        for host in valid {
+            assert!(is_valid_host(host), "{host:?} should be valid");
+        }
+        for host in invalid {
+            assert!(!is_valid_host(host), "{host:?} should be invalid");
+        }
+    }
+
+    #[test]
+    fn the_host_is_the_absolute_targets_authority_else_the_header() {
+        use actix_web::http::{Uri, Version};
+        let origin_form: Uri = "/x".parse().unwrap();
+        let absolute: Uri = "http://target.example:81/x".parse().unwrap();
+        let header = HeaderValue::from_static("header.example");
+        assert_eq!(
+            request_host(&origin_form, Some(&header), Version::HTTP_11),
+            Ok(Some("header.example"))
+        );
+        assert_eq!(
+            request_host(&absolute, Some(&header), Version::HTTP_11),
+            Ok(Some("target.example:81"))
+        );
+        assert_eq!(request_host(&origin_form, None, Version::HTTP_11), Err(InvalidHost));
+        assert_eq!(request_host(&origin_form, None, Version::HTTP_10), Ok(None));
+        let userinfo: Uri = "http://me@target.example/x".parse().unwrap();
+        assert_eq!(request_host(&userinfo, None, Version::HTTP_11), Err(InvalidHost));
     }
 
     #[test]
@@ -319,6 +467,9 @@ mod tests {
                     .collect()
             }),
             strip_prefix: false,
+            preserve_host: false,
+            allow_encoded_slash: false,
+            security_headers: true,
             rate_limit: None,
         }
     }
@@ -347,6 +498,41 @@ mod tests {
         assert_eq!(matched(&table, "/other", Method::GET), "root");
         assert_eq!(matched(&table, "/other", Method::DELETE), "405 GET");
         assert_eq!(matched(&table, "/reports/1", Method::POST), "405 GET, HEAD");
+    }
+
+    #[test]
+    fn trace_and_connect_need_a_route_that_lists_them() {
+        let table = RouteTable::new(vec![
+            route("open", "/api", &[]),
+            route("debug", "/api/debug", &["GET", "TRACE"]),
+        ]);
+        assert_eq!(
+            matched(&table, "/api/x", Method::TRACE),
+            "405 DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+        );
+        assert_eq!(
+            matched(&table, "/api/x", Method::CONNECT),
+            "405 DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+        );
+        assert_eq!(matched(&table, "/api/debug/x", Method::TRACE), "debug");
+        assert_eq!(matched(&table, "/api/x", Method::GET), "open");
+        assert_eq!(ALLOW_OF_AN_OPEN_ROUTE, METHODS_OF_AN_OPEN_ROUTE.join(", "));
+    }
+
+    #[test]
+    fn encoded_slashes_can_be_kept_as_part_of_their_segment() {
+        let cases: &[(&str, Result<&str, InvalidPath>)] = &[
+            ("/pkg/@scope%2Fname", Ok("/pkg/@scope%2Fname")),
+            ("/pkg/a%2f..%2Fb", Ok("/pkg/a%2f..%2Fb")),
+            ("/pkg/a%2F/../b", Ok("/pkg/b")),
+            ("/pkg//%2F", Ok("/pkg/%2F")),
+            ("/pkg/%5C", Err(InvalidPath::EncodedSeparator)),
+            ("/pkg/%00", Err(InvalidPath::ControlCharacter)),
+        ];
+        for (raw, expected) in cases {
+            let got = normalize_path_keeping_encoded_slashes(raw);
+            assert_eq!(got.as_deref().map_err(|e| *e), *expected, "normalizing {raw:?}");
+        }
     }
 
     #[test]

@@ -78,6 +78,8 @@ impl Default for ServerSettings {
 pub struct UpstreamSettings {
     pub connect_timeout_ms: u64,
     pub request_timeout_ms: u64,
+    /// An upstream body silent this long is cut; 0 = never.
+    pub body_idle_timeout_ms: u64,
     pub max_connections_per_host: usize,
 }
 
@@ -86,6 +88,7 @@ impl Default for UpstreamSettings {
         Self {
             connect_timeout_ms: 1000,
             request_timeout_ms: 30_000,
+            body_idle_timeout_ms: 60_000,
             max_connections_per_host: 256,
         }
     }
@@ -234,8 +237,21 @@ pub struct RouteSettings {
     pub methods: Vec<String>,
     #[serde(default)]
     pub strip_prefix: bool,
+    /// Send the client's `Host` upstream instead of the instance's.
+    #[serde(default)]
+    pub preserve_host: bool,
+    /// Route and forward paths with `%2F` kept encoded instead of 400.
+    #[serde(default)]
+    pub allow_encoded_slash: bool,
+    /// `false`: this route's responses get no helmet headers.
+    #[serde(default = "default_true")]
+    pub security_headers: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl RouteSettings {

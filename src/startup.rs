@@ -123,7 +123,9 @@ impl Application {
                 .wrap(RouteMatcher::new(gateway.clone()))
                 .wrap(TracingLogger::<GatewayRootSpan>::new())
                 .wrap(RequestIds)
-                .wrap(SecurityHeaders)
+                .wrap(SecurityHeaders {
+                    some_route_opts_out: gateway.routes.routes().iter().any(|route| !route.security_headers),
+                })
                 .wrap(ConnectionWatch)
         })
         .keep_alive(KEEP_ALIVE)

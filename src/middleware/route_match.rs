@@ -1,5 +1,6 @@
-//! Steps 2–3 of the pipeline: refuse oversized heads (431) and bodies that
-//! declare too much (413), normalize the path (400), then decide what the
+//! Steps 2–3 of the pipeline: refuse oversized request lines (414) and heads
+//! (431), hosts that are not `host[:port]` (400) and bodies that declare too
+//! much (413), normalize the path (400), then decide what the
 //! request is for. The decision goes into the request's extensions as a
 //! [`Routed`], which the rate-limit and auth layers read and the dispatch
 //! handler acts on; 404 and 405 are answered there, after the limits.
@@ -11,13 +12,17 @@ use std::sync::Arc;
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::Method;
 use actix_web::{Error, HttpMessage};
 use futures_util::future::Either;
 
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::middleware::{passthrough, Passthrough};
-use crate::routing::{normalize_path, Route, RouteMatch};
+use crate::routing::{
+    normalize_path, normalize_path_keeping_encoded_slashes, request_host, InvalidPath, Route, RouteMatch,
+    ALLOW_OF_AN_OPEN_ROUTE,
+};
 
 /// What a request is for, decided once.
 #[derive(Debug, Clone)]
@@ -51,20 +56,23 @@ impl Routed {
     }
 }
 
-/// Approximate size of the request head on the wire: request line, header
-/// lines and the blank line.
-fn head_size(req: &ServiceRequest) -> usize {
+/// Approximate size of the request line on the wire.
+fn request_line_size(req: &ServiceRequest) -> usize {
     let uri = req.uri();
     let target = uri.scheme_str().map_or(0, |scheme| scheme.len() + 3)
         + uri.authority().map_or(0, |authority| authority.as_str().len())
         + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
-    let request_line = req.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len();
+    req.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len()
+}
+
+/// Approximate size of the header lines and the blank line after them.
+fn header_lines_size(req: &ServiceRequest) -> usize {
     let headers: usize = req
         .headers()
         .iter()
         .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
         .sum();
-    request_line + headers + 2
+    headers + 2
 }
 
 fn declared_length(req: &ServiceRequest) -> Option<u64> {
@@ -75,13 +83,36 @@ fn declared_length(req: &ServiceRequest) -> Option<u64> {
 }
 
 fn classify(req: &ServiceRequest, gateway: &Gateway) -> Result<Routed, GatewayError> {
-    if head_size(req) > gateway.max_header_bytes {
+    let request_line = request_line_size(req);
+    if request_line > gateway.max_header_bytes {
+        return Err(GatewayError::UriTooLong);
+    }
+    if request_line + header_lines_size(req) > gateway.max_header_bytes {
         return Err(GatewayError::HeaderFieldsTooLarge);
     }
-    let normalized = normalize_path(req.path()).map_err(|err| {
+    if let Err(err) = request_host(req.uri(), req.headers().get(header::HOST), req.version()) {
+        tracing::debug!(host = ?req.headers().get(header::HOST), reason = %err, "host refused");
+        return Err(GatewayError::BadRequest("invalid host"));
+    }
+    let refuse_path = |err: InvalidPath| {
         tracing::debug!(path = req.path(), reason = %err, "path refused");
         GatewayError::BadRequest("invalid path")
-    })?;
+    };
+    let (normalized, keeps_encoded_slashes) = match normalize_path(req.path()) {
+        Ok(normalized) => (normalized, false),
+        Err(InvalidPath::EncodedSlash) if gateway.any_route_allows_encoded_slash => (
+            normalize_path_keeping_encoded_slashes(req.path()).map_err(refuse_path)?,
+            true,
+        ),
+        // An authority-form target (`CONNECT host:443`) has no path to route.
+        Err(InvalidPath::NotAbsolute) if req.method() == Method::CONNECT => {
+            return Ok(Routed {
+                normalized: None,
+                target: Target::MethodNotAllowed(ALLOW_OF_AN_OPEN_ROUTE),
+            });
+        }
+        Err(err) => return Err(refuse_path(err)),
+    };
     if declared_length(req).is_some_and(|length| length > gateway.max_body_bytes) {
         return Err(GatewayError::PayloadTooLarge);
     }
@@ -94,6 +125,9 @@ fn classify(req: &ServiceRequest, gateway: &Gateway) -> Result<Routed, GatewayEr
             RouteMatch::NotFound => Target::NotFound,
         },
     };
+    if keeps_encoded_slashes && !matches!(&target, Target::Route(route) if route.allow_encoded_slash) {
+        return Err(refuse_path(InvalidPath::EncodedSlash));
+    }
     if let Target::Route(route) = &target {
         tracing::Span::current().record("route", &*route.name);
     }

@@ -1,6 +1,7 @@
 //! helmet's default security headers (SPEC §3) on every response the gateway
-//! sends: proxied ones, its own errors and endpoints. An upstream's own header
-//! of the same name wins. The gateway never sends `Server` or `X-Powered-By`.
+//! sends: proxied ones, its own errors and endpoints, except on routes with
+//! `security_headers = false`. An upstream's own header of the same name
+//! wins. The gateway never sends `Server` or `X-Powered-By`.
 
 use std::future::{ready, Future, Ready};
 use std::pin::Pin;
@@ -8,7 +9,9 @@ use std::task::{Context, Poll};
 
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use actix_web::Error;
+use actix_web::{Error, HttpMessage};
+
+use crate::middleware::route_match::Routed;
 
 const X_POWERED_BY: HeaderName = HeaderName::from_static("x-powered-by");
 
@@ -34,9 +37,9 @@ static SECURITY_HEADERS: [(HeaderName, HeaderValue); 12] = [
     (HeaderName::from_static("x-xss-protection"), HeaderValue::from_static("0")),
 ];
 
-/// Adds the security headers the response does not set itself and drops the
-/// headers that name the server software.
-fn secure(map: &mut HeaderMap) {
+/// Adds the security headers the response does not set itself (unless
+/// `helmet` is false) and drops the headers that name the server software.
+fn secure(map: &mut HeaderMap, helmet: bool) {
     // One pass over the response's few names instead of a hashed lookup per
     // security header: upstreams rarely set any of them.
     let mut overlaps = false;
@@ -45,10 +48,12 @@ fn secure(map: &mut HeaderMap) {
         overlaps |= SECURITY_HEADERS.iter().any(|(own, _)| own == name);
         identifies_server |= name == header::SERVER || name == X_POWERED_BY;
     }
-    map.reserve(SECURITY_HEADERS.len());
-    for (name, value) in &SECURITY_HEADERS {
-        if !overlaps || !map.contains_key(name) {
-            map.insert(name.clone(), value.clone());
+    if helmet {
+        map.reserve(SECURITY_HEADERS.len());
+        for (name, value) in &SECURITY_HEADERS {
+            if !overlaps || !map.contains_key(name) {
+                map.insert(name.clone(), value.clone());
+            }
         }
     }
     if identifies_server {
@@ -57,7 +62,11 @@ fn secure(map: &mut HeaderMap) {
     }
 }
 
-pub struct SecurityHeaders;
+pub struct SecurityHeaders {
+    /// Some route turns the headers off, so responses must be checked for
+    /// their route; otherwise no response needs the lookup.
+    pub some_route_opts_out: bool,
+}
 
 impl<S, B> Transform<S, ServiceRequest> for SecurityHeaders
 where
@@ -71,12 +80,16 @@ where
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        ready(Ok(SecurityHeadersService { service }))
+        ready(Ok(SecurityHeadersService {
+            service,
+            some_route_opts_out: self.some_route_opts_out,
+        }))
     }
 }
 
 pub struct SecurityHeadersService<S> {
     service: S,
+    some_route_opts_out: bool,
 }
 
 impl<S, B> Service<ServiceRequest> for SecurityHeadersService<S>
@@ -93,6 +106,7 @@ where
     fn call(&self, req: ServiceRequest) -> Self::Future {
         Secured {
             response: self.service.call(req),
+            check_route: self.some_route_opts_out,
         }
     }
 }
@@ -103,6 +117,7 @@ pin_project_lite::pin_project! {
     pub struct Secured<F> {
         #[pin]
         response: F,
+        check_route: bool,
     }
 }
 
@@ -113,8 +128,16 @@ where
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut response = std::task::ready!(self.project().response.poll(cx))?;
-        secure(response.headers_mut());
+        let this = self.project();
+        let mut response = std::task::ready!(this.response.poll(cx))?;
+        let helmet = !*this.check_route
+            || response
+                .request()
+                .extensions()
+                .get::<Routed>()
+                .and_then(Routed::route)
+                .is_none_or(|route| route.security_headers);
+        secure(response.headers_mut(), helmet);
         Poll::Ready(Ok(response))
     }
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
+use sha2::Digest;
 
 use crate::helpers::*;
 
@@ -581,12 +582,55 @@ async fn a_body_less_get_reset_before_the_response_head_is_retried() {
 }
 
 #[actix_web::test]
-async fn a_request_with_a_body_is_not_retried() {
+async fn a_request_with_a_body_goes_whole_to_the_next_instance_when_one_refuses_connections() {
     let live = Upstream::start("live");
-    let refused = closed_port_url();
+    let stopping = Upstream::start("stopping");
     let gateway = TestGateway::start(&format!(
         "{RETRY_ONLY_HEALTH}{}",
-        service("mixed", &[refused, live.url()]),
+        service("mixed", &[stopping.url(), live.url()]),
+    ));
+    let probed = eventually(Duration::from_secs(5), async || {
+        !checked_health(&gateway).await["services"]["mixed"]["instances"][0]["last_check"].is_null()
+    })
+    .await;
+    assert!(probed, "the start-up probe found both instances up");
+    stopping.stop().await;
+
+    for i in 0..20 {
+        let body = format!("order {i}: {}", "x".repeat(i * 1000));
+        let request = client().post(gateway.url("/api/mixed/orders"));
+        // Half with a length, half chunked: both framings are held back.
+        let response = if i % 2 == 0 {
+            request.send_body(body.clone()).await
+        } else {
+            let chunks = body
+                .as_bytes()
+                .chunks(700)
+                .map(|chunk| Ok::<_, std::io::Error>(actix_web::web::Bytes::copy_from_slice(chunk)))
+                .collect::<Vec<_>>();
+            request.send_stream(futures_util::stream::iter(chunks)).await
+        };
+        let reply = read_reply(response.expect("the gateway answers")).await;
+        assert_eq!(reply.status, 200, "POST {i}: {}", reply.text());
+        assert_eq!(reply.header("x-upstream-instance"), Some("live"));
+        let echoed = reply.json();
+        assert_eq!(echoed["body_len"], body.len(), "POST {i}");
+        assert_eq!(
+            echoed["body_sha256"],
+            hex(&sha2::Sha256::digest(body.as_bytes())),
+            "POST {i}"
+        );
+    }
+    assert_eq!(live.hits(), 20);
+}
+
+#[actix_web::test]
+async fn a_request_with_a_body_is_not_retried_after_the_instance_reset_it() {
+    let live = Upstream::start("live");
+    let closing = RawInstance::start(Behaviour::CloseAfter(Duration::ZERO));
+    let gateway = TestGateway::start(&format!(
+        "{RETRY_ONLY_HEALTH}{}",
+        service("mixed", &[closing.url(), live.url()]),
     ));
     let mut unavailable: usize = 0;
     for _ in 0..6 {
@@ -601,7 +645,12 @@ async fn a_request_with_a_body_is_not_retried() {
     }
     assert!(
         unavailable.abs_diff(3) <= 1,
-        "the POSTs that picked the refusing instance (half) got 503: {unavailable} of 6"
+        "the POSTs that picked the resetting instance (half) got 503: {unavailable} of 6"
+    );
+    assert_eq!(
+        closing.requests(),
+        unavailable,
+        "each reached the resetting instance once"
     );
     assert_eq!(live.hits(), 6 - unavailable, "no 503'd POST reached the live instance");
     for seen in live.seen() {

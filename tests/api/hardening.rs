@@ -646,11 +646,12 @@ async fn a_slow_response_on_a_kept_alive_connection_is_not_cut() {
 }
 
 // ---------------------------------------------------------------------------
-// 11. A stalled upstream body does not hold the client forever
+// 11. A stalled upstream body does not hold the client forever (its pauses
+//     are bounded by upstream.body_idle_timeout_ms)
 // ---------------------------------------------------------------------------
 
 #[actix_web::test]
-async fn an_upstream_body_that_stalls_is_cut_after_the_request_timeout() {
+async fn an_upstream_body_that_stalls_is_cut_after_the_body_idle_timeout() {
     // An upstream that sends its head and 10 of 100 promised bytes, then waits.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream_url = format!("http://{}", listener.local_addr().unwrap());
@@ -666,7 +667,7 @@ async fn an_upstream_body_that_stalls_is_cut_after_the_request_timeout() {
         }
     });
     let gateway = TestGateway::start(&format!(
-        "{}[upstream]\nrequest_timeout_ms = 500\n{}",
+        "{}[upstream]\nbody_idle_timeout_ms = 500\n{}",
         server(1),
         service_at("api", "/api", &[upstream_url])
     ));

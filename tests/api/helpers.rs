@@ -1015,3 +1015,85 @@ pub fn run_gatehouse(settings: &Path, environment: Option<&str>, vars: &[(&str, 
     command.args(args).envs(vars.iter().copied());
     finish(command, Duration::from_secs(20))
 }
+
+// ---------------------------------------------------------------------------
+// An instance that answers with bytes of the test's choosing
+// ---------------------------------------------------------------------------
+
+/// An instance on a raw loopback listener whose answers are written by the
+/// test, byte for byte: for what no HTTP server library would send (120
+/// header lines, a garbled status line, a body that stalls). Each connection
+/// gets one answer and is then closed; `GET /health` gets a plain 200.
+/// Stops accepting when dropped.
+pub struct ScriptedInstance {
+    pub address: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+type Answer = dyn Fn(&str, &mut TcpStream) + Send + Sync;
+
+impl ScriptedInstance {
+    /// `answer` gets the request head (without the blank line) and the
+    /// connection to write to.
+    pub fn start(answer: impl Fn(&str, &mut TcpStream) + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let address = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let answer: Arc<Answer> = Arc::new(answer);
+        let (seen, stopped) = (heads.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (seen, answer) = (seen.clone(), answer.clone());
+                        std::thread::spawn(move || answer_scripted(stream, &seen, &*answer));
+                    }
+                    Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        Self { address, heads, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// The heads of the requests other than health probes, in arrival order.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ScriptedInstance {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn answer_scripted(mut stream: TcpStream, seen: &Mutex<Vec<String>>, answer: &Answer) {
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buffer[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    let head = head.split("\r\n\r\n").next().unwrap_or_default();
+    if head.starts_with("GET /health ") {
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        return;
+    }
+    seen.lock().unwrap().push(head.to_owned());
+    answer(head, &mut stream);
+}

@@ -10,3 +10,4 @@ mod metrics;
 mod process;
 mod rate_limits;
 mod routing;
+mod upstream_responses;
