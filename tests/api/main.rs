@@ -2,6 +2,7 @@
 
 mod auth;
 mod balancing;
+mod client_requests;
 mod forwarding;
 mod framing;
 mod hardening;
