@@ -746,7 +746,8 @@ fn serve_raw(mut stream: TcpStream, behaviour: Behaviour, counter: &AtomicUsize,
 // ---------------------------------------------------------------------------
 
 /// A `redis-server` child process on a loopback port of its own, without
-/// persistence, killed when dropped.
+/// automatic persistence (only `restart_keeping_data` saves), killed when
+/// dropped.
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
@@ -826,6 +827,52 @@ impl RedisServer {
     /// Kills it if it runs, then starts it again, empty, on the same port.
     pub fn restart(&mut self) {
         self.kill();
+        // What an earlier `restart_keeping_data` saved would be loaded.
+        let _ = std::fs::remove_file(self.dir.path().join("dump.rdb"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `SHUTDOWN SAVE`, then starts it again on the same port and directory,
+    /// where it loads the `dump.rdb` it wrote: a restart with persistence,
+    /// keys and their TTLs kept, scripts forgotten and every client
+    /// connection closed.
+    pub fn restart_keeping_data(&mut self) {
+        let mut child = self.child.take().expect("redis-server runs");
+        // redis-cli reports nothing useful here: the server closes the
+        // connection as it exits.
+        let _ = Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["shutdown", "save"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let exited = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("redis-server did not exit after SHUTDOWN SAVE");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(exited.success(), "SHUTDOWN SAVE failed: {exited}");
+        assert!(
+            self.dir.path().join("dump.rdb").exists(),
+            "SHUTDOWN SAVE wrote no dump.rdb"
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.spawn() {
             assert!(
