@@ -671,7 +671,19 @@ pub struct RawInstance {
 }
 
 impl RawInstance {
+    /// Misbehaves on health probes too: its first probe fails, so the
+    /// gateway marks it unhealthy at once.
     pub fn start(behaviour: Behaviour) -> Self {
+        Self::spawn(behaviour, false)
+    }
+
+    /// Answers `GET /health` with 200 and misbehaves on every other request:
+    /// healthy for the probes, failing for proxied requests.
+    pub fn start_passing_probes(behaviour: Behaviour) -> Self {
+        Self::spawn(behaviour, true)
+    }
+
+    fn spawn(behaviour: Behaviour, probes_pass: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let address = listener.local_addr().unwrap();
@@ -683,7 +695,7 @@ impl RawInstance {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         let (counter, stopped) = (counter.clone(), stopped.clone());
-                        std::thread::spawn(move || serve_raw(stream, behaviour, &counter, &stopped));
+                        std::thread::spawn(move || serve_raw(stream, behaviour, probes_pass, &counter, &stopped));
                     }
                     Err(err) if err.kind() == ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(2));
@@ -715,7 +727,13 @@ impl Drop for RawInstance {
     }
 }
 
-fn serve_raw(mut stream: TcpStream, behaviour: Behaviour, counter: &AtomicUsize, stopped: &AtomicBool) {
+fn serve_raw(
+    mut stream: TcpStream,
+    behaviour: Behaviour,
+    probes_pass: bool,
+    counter: &AtomicUsize,
+    stopped: &AtomicBool,
+) {
     stream.set_nonblocking(false).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut head = Vec::new();
@@ -726,7 +744,12 @@ fn serve_raw(mut stream: TcpStream, behaviour: Behaviour, counter: &AtomicUsize,
             Ok(n) => head.extend_from_slice(&buffer[..n]),
         }
     }
-    if !head.is_empty() && !head.starts_with(b"GET /health ") {
+    let probe = head.starts_with(b"GET /health ");
+    if probe && probes_pass {
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+    }
+    if !head.is_empty() && !probe {
         counter.fetch_add(1, Ordering::SeqCst);
     }
     match behaviour {
