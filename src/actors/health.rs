@@ -1,7 +1,8 @@
 //! `HealthChecker`: probes every instance's health path once at start-up and
 //! then every `health.interval_ms`, all instances concurrently, each bounded
 //! by `health.timeout_ms`. It keeps no health state: each result goes to the
-//! `RegistryActor`, which applies the thresholds.
+//! `RegistryActor`, which applies the first result at once and the
+//! thresholds after it.
 
 use std::time::{Duration, Instant, SystemTime};
 

@@ -4,7 +4,9 @@
 //! (`ReportProbe`) and the proxy's passive observations (`ReportPassiveFailure`,
 //! sent once an instance has failed `health.passive_failures` requests in a
 //! row). A flip is decided here only, logged once, and pushed to every
-//! worker's balancer as the service's new healthy set.
+//! worker's balancer as the service's new healthy set. An instance starts
+//! healthy, and its first probe's result applies at once; the thresholds
+//! govern every change after that.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -145,28 +147,40 @@ impl InstanceHealth {
     }
 
     /// Applies one probe; returns true when the instance's health flipped.
-    pub fn record_probe(&mut self, outcome: &Result<(), String>, thresholds: Thresholds) -> bool {
+    ///
+    /// The first probe's result applies at once (SPEC §5): an instance that
+    /// fails it is unhealthy right away, so a gateway started while an
+    /// upstream is down neither reports it healthy nor sends it traffic for
+    /// a whole interval. The thresholds govern every change after that.
+    pub fn record_probe(
+        &mut self,
+        checked_at: SystemTime,
+        elapsed: Duration,
+        outcome: &Result<(), String>,
+        thresholds: Thresholds,
+    ) -> bool {
+        let first = self.last_check.replace(checked_at).is_none();
+        self.response_time = Some(elapsed);
+        let was_healthy = self.healthy;
         match outcome {
             Ok(()) => {
                 self.consecutive_failures = 0;
                 self.consecutive_successes = self.consecutive_successes.saturating_add(1);
                 self.error = None;
-                if !self.healthy && self.consecutive_successes >= thresholds.healthy {
+                if first || self.consecutive_successes >= thresholds.healthy {
                     self.healthy = true;
-                    return true;
                 }
             }
             Err(reason) => {
                 self.consecutive_successes = 0;
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
                 self.error = Some(reason.clone());
-                if self.healthy && self.consecutive_failures >= thresholds.unhealthy {
+                if first || self.consecutive_failures >= thresholds.unhealthy {
                     self.healthy = false;
-                    return true;
                 }
             }
         }
-        false
+        self.healthy != was_healthy
     }
 
     /// Passive failures mark the instance unhealthy at once; it returns after
@@ -288,10 +302,8 @@ impl Handler<ReportProbe> for RegistryActor {
         let Some(state) = service.instances.get_mut(msg.instance) else {
             return;
         };
-        state.last_check = Some(msg.checked_at);
-        state.response_time = Some(msg.elapsed);
         crate::metrics::probe_completed(&service.name, &state.url, msg.elapsed);
-        if state.record_probe(&msg.outcome, thresholds) {
+        if state.record_probe(msg.checked_at, msg.elapsed, &msg.outcome, thresholds) {
             if state.healthy {
                 self.passive.reset(msg.service, msg.instance);
             }
@@ -374,24 +386,82 @@ mod tests {
         healthy: 3,
     };
 
+    /// Applies one probe taken now.
+    fn probe(instance: &mut InstanceHealth, outcome: Result<(), &str>, thresholds: Thresholds) -> bool {
+        let outcome = outcome.map_err(str::to_owned);
+        instance.record_probe(SystemTime::now(), Duration::from_millis(3), &outcome, thresholds)
+    }
+
+    #[test]
+    fn an_instance_is_healthy_and_unchecked_until_its_first_probe() {
+        let instance = InstanceHealth::new("http://127.0.0.1:1".into());
+        let report = instance.report();
+        assert!(report.healthy);
+        assert_eq!((report.last_check, report.response_time_ms), (None, None));
+        assert_eq!((report.consecutive_failures, report.error), (0, None));
+    }
+
+    #[test]
+    fn a_failing_first_probe_marks_the_instance_unhealthy_at_once() {
+        let thresholds = Thresholds {
+            unhealthy: 3,
+            healthy: 2,
+        };
+        let mut instance = InstanceHealth::new("http://127.0.0.1:1".into());
+        assert!(probe(&mut instance, Err("connect: refused"), thresholds), "flips");
+        assert!(!instance.healthy);
+        let report = instance.report();
+        assert_eq!(report.consecutive_failures, 1);
+        assert_eq!(report.error.as_deref(), Some("connect: refused"));
+        assert!(report.last_check.is_some());
+        assert_eq!(report.response_time_ms, Some(3));
+
+        // From the second probe on, the thresholds decide.
+        assert!(!probe(&mut instance, Ok(()), thresholds), "one pass of two");
+        assert!(!instance.healthy);
+        assert!(probe(&mut instance, Ok(()), thresholds), "the second pass flips back");
+        assert!(instance.healthy);
+    }
+
+    #[test]
+    fn after_a_passing_first_probe_failures_need_the_threshold() {
+        let thresholds = Thresholds {
+            unhealthy: 3,
+            healthy: 1,
+        };
+        let mut instance = InstanceHealth::new("http://127.0.0.1:1".into());
+        assert!(!probe(&mut instance, Ok(()), thresholds), "stays healthy");
+        assert!(instance.healthy);
+        assert_eq!(instance.error, None);
+        assert!(!probe(&mut instance, Err("status 500"), thresholds));
+        assert!(!probe(&mut instance, Err("status 500"), thresholds));
+        assert!(instance.healthy, "two failures of three");
+        assert_eq!(instance.consecutive_failures, 2);
+        assert!(probe(&mut instance, Err("status 500"), thresholds), "the third flips");
+        assert!(!instance.healthy);
+    }
+
     #[test]
     fn health_flips_only_after_consecutive_results() {
         let mut instance = InstanceHealth::new("http://127.0.0.1:1".into());
-        let fail = Err("refused".to_owned());
-        assert!(!instance.record_probe(&fail, THRESHOLDS), "one failure is not enough");
-        assert!(instance.healthy);
-        assert!(!instance.record_probe(&Ok(()), THRESHOLDS), "a pass resets the streak");
-        assert!(!instance.record_probe(&fail, THRESHOLDS));
+        assert!(!probe(&mut instance, Ok(()), THRESHOLDS), "the first probe passes");
         assert!(
-            instance.record_probe(&fail, THRESHOLDS),
+            !probe(&mut instance, Err("refused"), THRESHOLDS),
+            "one failure is not enough"
+        );
+        assert!(instance.healthy);
+        assert!(!probe(&mut instance, Ok(()), THRESHOLDS), "a pass resets the streak");
+        assert!(!probe(&mut instance, Err("refused"), THRESHOLDS));
+        assert!(
+            probe(&mut instance, Err("refused"), THRESHOLDS),
             "second failure in a row flips"
         );
         assert!(!instance.healthy);
         assert_eq!(instance.consecutive_failures, 2);
         assert_eq!(instance.error.as_deref(), Some("refused"));
-        assert!(!instance.record_probe(&Ok(()), THRESHOLDS));
-        assert!(!instance.record_probe(&Ok(()), THRESHOLDS));
-        assert!(instance.record_probe(&Ok(()), THRESHOLDS), "third pass flips back");
+        assert!(!probe(&mut instance, Ok(()), THRESHOLDS));
+        assert!(!probe(&mut instance, Ok(()), THRESHOLDS));
+        assert!(probe(&mut instance, Ok(()), THRESHOLDS), "third pass flips back");
         assert!(instance.healthy);
         assert_eq!(instance.error, None);
     }
@@ -406,7 +476,7 @@ mod tests {
             unhealthy: 2,
             healthy: 1,
         };
-        assert!(instance.record_probe(&Ok(()), one));
+        assert!(probe(&mut instance, Ok(()), one));
         assert!(instance.healthy);
     }
 }

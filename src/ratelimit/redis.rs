@@ -12,12 +12,21 @@
 //! timeouts) after a failure. Checking a connection out per request would
 //! cost a PING round trip each time (deadpool-redis's recycle check) and cap
 //! a worker at pool-size requests in flight.
+//!
+//! That cached connection dies quietly when Redis restarts: nothing is sent
+//! on it until the next decision, which then fails at once with an IO error.
+//! Such a decision is retried once on a connection from the pool (which
+//! PINGs what it holds, drops the dead and reconnects) inside the same
+//! timeout, so a restart that completed while no request waited makes no
+//! decision fall back to `on_backend_error` (SPEC §12); every worker of every
+//! gateway would otherwise count its first request after the restart in
+//! process, beside the shared log.
 
 use std::cell::RefCell;
 use std::time::Duration;
 
 use deadpool_redis::redis::aio::MultiplexedConnection;
-use deadpool_redis::redis::Script;
+use deadpool_redis::redis::{Script, ScriptInvocation};
 use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
 
 use super::{redis_key, verdict_from_counts, Policy, Verdict};
@@ -75,6 +84,19 @@ pub enum RedisError {
     Reply,
 }
 
+impl RedisError {
+    /// The connection the script went out on is dead or unusable (closed,
+    /// reset, unparsable reply), as opposed to Redis answering with an error
+    /// or not answering in time. A failure to get a connection from the pool
+    /// is not one: the pool has just tried a fresh connection itself.
+    fn is_broken_connection(&self) -> bool {
+        match self {
+            Self::Redis(err) => err.is_io_error() || err.is_unrecoverable_error(),
+            Self::Timeout(_) | Self::Pool(_) | Self::Reply => false,
+        }
+    }
+}
+
 pub struct RedisStore {
     pool: Pool,
     script: Script,
@@ -110,8 +132,33 @@ impl RedisStore {
         })
     }
 
+    /// One decision. A failure on a connection that turns out to be broken
+    /// (Redis restarted, or closed it) is retried once on a fresh one from
+    /// the pool, within the same `redis_timeout_ms`: only then is it an
+    /// outage (SPEC §12).
     pub async fn check(&self, client: &str, policies: &[(usize, &Policy)]) -> Result<Verdict, RedisError> {
-        let result = match actix_rt::time::timeout(self.timeout, self.run_script(client, policies)).await {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(uuid::Uuid::new_v4().simple().to_string());
+        for (_, policy) in policies {
+            invocation
+                .key(redis_key(&self.key_prefix, client, &policy.name))
+                .arg(policy.window_us())
+                .arg(policy.max)
+                .arg(policy.window_us().div_ceil(1000));
+        }
+        let decide = async {
+            match self.run_script(&invocation, policies).await {
+                Err(err) if err.is_broken_connection() => {
+                    // The pool checks what it still holds (deadpool-redis
+                    // PINGs on recycle, and drops what fails) and connects
+                    // anew when nothing is left.
+                    self.connection.borrow_mut().take();
+                    self.run_script(&invocation, policies).await
+                }
+                result => result,
+            }
+        };
+        let result = match actix_rt::time::timeout(self.timeout, decide).await {
             Ok(result) => result,
             Err(_) => Err(RedisError::Timeout(self.timeout)),
         };
@@ -132,16 +179,11 @@ impl RedisStore {
         Ok(connection)
     }
 
-    async fn run_script(&self, client: &str, policies: &[(usize, &Policy)]) -> Result<Verdict, RedisError> {
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg(uuid::Uuid::new_v4().simple().to_string());
-        for (_, policy) in policies {
-            invocation
-                .key(redis_key(&self.key_prefix, client, &policy.name))
-                .arg(policy.window_us())
-                .arg(policy.max)
-                .arg(policy.window_us().div_ceil(1000));
-        }
+    async fn run_script(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        policies: &[(usize, &Policy)],
+    ) -> Result<Verdict, RedisError> {
         let mut connection = self.connection().await?;
         let reply: Vec<i64> = invocation.invoke_async(&mut connection).await?;
         let (head, per_policy) = reply.split_at_checked(2).ok_or(RedisError::Reply)?;

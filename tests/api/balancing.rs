@@ -489,17 +489,64 @@ async fn an_instance_not_yet_probed_shows_null_last_check_and_response_time() {
     assert_eq!(entry["error"], Value::Null);
     assert_eq!(report["status"], "ok");
 
-    // The probe gives up after timeout_ms; one failure is below the threshold.
+    // The probe gives up after timeout_ms; a failed first probe applies at
+    // once, below the threshold.
     let probed = eventually(Duration::from_secs(6), async || {
         !instance(&checked_health(&gateway).await, "hanging", &silent.url())["last_check"].is_null()
     })
     .await;
     assert!(probed, "the hanging probe times out and is reported");
-    let entry = instance(&checked_health(&gateway).await, "hanging", &silent.url()).clone();
+    let report = checked_health(&gateway).await;
+    let entry = instance(&report, "hanging", &silent.url());
     assert_eq!(entry["consecutive_failures"], 1, "{entry}");
-    assert_eq!(entry["healthy"], true, "{entry}");
+    assert_eq!(entry["healthy"], false, "{entry}");
     assert!(entry["error"].is_string(), "{entry}");
     assert!(entry["response_time_ms"].is_u64(), "{entry}");
+    assert_eq!(report["status"], "ok", "the other instance keeps the service healthy");
+}
+
+#[actix_web::test]
+async fn instances_that_fail_their_first_probe_are_unhealthy_at_once() {
+    // SPEC §5: with a whole interval (60 s) and three failures to go, only
+    // the start-up probe's result applying at once can mark these down.
+    let live = Upstream::start("live");
+    let dead = [closed_port_url(), closed_port_url()];
+    assert_ne!(dead[0], dead[1]);
+    let gateway = TestGateway::start(&format!(
+        "[health]\ninterval_ms = 60000\ntimeout_ms = 2000\nunhealthy_threshold = 3\npassive_failures = 1\n{}{}",
+        service("dead", &dead),
+        service("alive", &[live.url()]),
+    ));
+    wait_for_first_probes(&gateway, Duration::from_secs(2)).await;
+
+    let report = checked_health(&gateway).await;
+    assert_eq!(report["status"], "degraded", "{report}");
+    assert_eq!(report["services"]["dead"]["status"], "unhealthy");
+    assert_eq!(report["services"]["alive"]["status"], "healthy");
+    for url in &dead {
+        let entry = instance(&report, "dead", url);
+        assert_eq!(entry["healthy"], false, "{entry}");
+        assert_eq!(entry["consecutive_failures"], 1, "{entry}");
+        assert!(entry["error"].is_string(), "{entry}");
+    }
+    let entry = instance(&report, "alive", &live.url());
+    assert_eq!(
+        (&entry["healthy"], &entry["consecutive_failures"]),
+        (&Value::Bool(true), &Value::from(0))
+    );
+
+    // The balancer has no instance to offer. Had the proxy tried one, the
+    // refused connection would be a passive failure (passive_failures = 1)
+    // and rewrite the instance's error.
+    assert_service_unavailable(&get(&gateway.url("/api/dead/x")).await, "dead");
+    assert_service_unavailable(&post(&gateway.url("/api/dead/x"), "body").await, "dead");
+    assert_eq!(get(&gateway.url("/api/alive/x")).await.status, 200);
+    actix_web::rt::time::sleep(Duration::from_millis(150)).await;
+    let after = checked_health(&gateway).await;
+    assert_eq!(
+        after["services"]["dead"], report["services"]["dead"],
+        "no request reached an unhealthy instance"
+    );
 }
 
 #[actix_web::test]
@@ -533,19 +580,32 @@ async fn a_hanging_instance_does_not_delay_the_probes_of_the_others() {
 // Retry and failures while forwarding (step 7)
 // ---------------------------------------------------------------------------
 
-/// Probes that never mark anything down by themselves after start-up, and
-/// passive failures that never trip: only the retry is at work.
+/// The start-up probe, which every instance here passes (a failed one would
+/// take it out at once), no probe after it, and passive failures that never
+/// trip: only the retry is at work.
 const RETRY_ONLY_HEALTH: &str =
-    "[health]\ninterval_ms = 60000\ntimeout_ms = 200\nunhealthy_threshold = 10\npassive_failures = 1000\n";
+    "[health]\ninterval_ms = 60000\ntimeout_ms = 2000\nunhealthy_threshold = 10\npassive_failures = 1000\n";
+
+/// Stops `upstreams` once every instance has passed its start-up probe: their
+/// ports then refuse connections while the gateway still counts them
+/// healthy, so what a client sees is the proxy's own handling of a refused
+/// connection, not the balancer's.
+async fn refuse_after_the_first_probe(gateway: &TestGateway, upstreams: &[&Upstream]) {
+    wait_for_first_probes(gateway, Duration::from_secs(5)).await;
+    for upstream in upstreams {
+        upstream.stop().await;
+    }
+}
 
 #[actix_web::test]
 async fn a_body_less_get_is_retried_on_the_next_instance_when_one_refuses() {
-    let live = Upstream::start("live");
-    let refused = closed_port_url();
+    let (live, refusing) = (Upstream::start("live"), Upstream::start("refusing"));
+    let refused = refusing.url();
     let gateway = TestGateway::start(&format!(
         "{RETRY_ONLY_HEALTH}{}",
         service("mixed", &[refused.clone(), live.url()]),
     ));
+    refuse_after_the_first_probe(&gateway, &[&refusing]).await;
     for _ in 0..10 {
         let reply = read_reply(client().get(gateway.url("/api/mixed/item")).send().await.unwrap()).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
@@ -563,7 +623,7 @@ async fn a_body_less_get_is_retried_on_the_next_instance_when_one_refuses() {
 #[actix_web::test]
 async fn a_body_less_get_reset_before_the_response_head_is_retried() {
     let live = Upstream::start("live");
-    let closing = RawInstance::start(Behaviour::CloseAfter(Duration::ZERO));
+    let closing = RawInstance::start_passing_probes(Behaviour::CloseAfter(Duration::ZERO));
     let gateway = TestGateway::start(&format!(
         "{RETRY_ONLY_HEALTH}{}",
         service("mixed", &[closing.url(), live.url()]),
@@ -589,12 +649,7 @@ async fn a_request_with_a_body_goes_whole_to_the_next_instance_when_one_refuses_
         "{RETRY_ONLY_HEALTH}{}",
         service("mixed", &[stopping.url(), live.url()]),
     ));
-    let probed = eventually(Duration::from_secs(5), async || {
-        !checked_health(&gateway).await["services"]["mixed"]["instances"][0]["last_check"].is_null()
-    })
-    .await;
-    assert!(probed, "the start-up probe found both instances up");
-    stopping.stop().await;
+    refuse_after_the_first_probe(&gateway, &[&stopping]).await;
 
     for i in 0..20 {
         let body = format!("order {i}: {}", "x".repeat(i * 1000));
@@ -627,7 +682,7 @@ async fn a_request_with_a_body_goes_whole_to_the_next_instance_when_one_refuses_
 #[actix_web::test]
 async fn a_request_with_a_body_is_not_retried_after_the_instance_reset_it() {
     let live = Upstream::start("live");
-    let closing = RawInstance::start(Behaviour::CloseAfter(Duration::ZERO));
+    let closing = RawInstance::start_passing_probes(Behaviour::CloseAfter(Duration::ZERO));
     let gateway = TestGateway::start(&format!(
         "{RETRY_ONLY_HEALTH}{}",
         service("mixed", &[closing.url(), live.url()]),
@@ -661,7 +716,7 @@ async fn a_request_with_a_body_is_not_retried_after_the_instance_reset_it() {
 #[actix_web::test]
 async fn a_request_with_a_body_reset_by_the_instance_is_not_retried() {
     let live = Upstream::start("live");
-    let closing = RawInstance::start(Behaviour::CloseAfter(Duration::ZERO));
+    let closing = RawInstance::start_passing_probes(Behaviour::CloseAfter(Duration::ZERO));
     let gateway = TestGateway::start(&format!(
         "{RETRY_ONLY_HEALTH}{}",
         service("mixed", &[closing.url(), live.url()]),
@@ -683,11 +738,14 @@ async fn a_request_with_a_body_reset_by_the_instance_is_not_retried() {
 
 #[actix_web::test]
 async fn an_only_instance_that_refuses_gives_503_for_get_and_post() {
+    let lonely = Upstream::start("lonely");
+    let gone = [Upstream::start("gone-1"), Upstream::start("gone-2")];
     let gateway = TestGateway::start(&format!(
         "{RETRY_ONLY_HEALTH}{}{}",
-        service("lonely", &[closed_port_url()]),
-        service("gone", &[closed_port_url(), closed_port_url()]),
+        service("lonely", &urls(&[&lonely])),
+        service("gone", &urls(&[&gone[0], &gone[1]])),
     ));
+    refuse_after_the_first_probe(&gateway, &[&lonely, &gone[0], &gone[1]]).await;
     assert_service_unavailable(&get(&gateway.url("/api/lonely/1")).await, "lonely");
     assert_service_unavailable(&post(&gateway.url("/api/lonely/1"), "x").await, "lonely");
     assert_service_unavailable(&get(&gateway.url("/api/gone/1")).await, "gone");
@@ -760,7 +818,7 @@ async fn a_stopped_instance_is_marked_unhealthy_by_failed_requests() {
 #[actix_web::test]
 async fn once_passively_marked_an_instance_is_not_tried_any_more() {
     let live = Upstream::start("live");
-    let closing = RawInstance::start(Behaviour::CloseAfter(Duration::ZERO));
+    let closing = RawInstance::start_passing_probes(Behaviour::CloseAfter(Duration::ZERO));
     let gateway = TestGateway::start(&format!(
         "{PASSIVE_HEALTH}{}",
         service("mixed", &[live.url(), closing.url()]),

@@ -145,11 +145,12 @@ async fn a_client_that_stalls_its_upload_gets_504_and_does_not_make_the_instance
 async fn a_retry_after_a_late_reset_stays_inside_the_request_timeout() {
     // a: reads the request, waits 1 s and closes without answering.
     // b: reads the request and never answers.
-    let a = RawInstance::start(Behaviour::CloseAfter(Duration::from_millis(1000)));
-    let b = RawInstance::start(Behaviour::Hold);
+    // Both pass their probes: one failed at start-up would take it out.
+    let a = RawInstance::start_passing_probes(Behaviour::CloseAfter(Duration::from_millis(1000)));
+    let b = RawInstance::start_passing_probes(Behaviour::Hold);
     let gateway = TestGateway::start(&format!(
         "{}[upstream]\nrequest_timeout_ms = 1500\n\
-         [health]\ninterval_ms = 60000\ntimeout_ms = 200\nunhealthy_threshold = 10\npassive_failures = 1000\n{}",
+         [health]\ninterval_ms = 60000\ntimeout_ms = 2000\nunhealthy_threshold = 10\npassive_failures = 1000\n{}",
         server(1),
         service_at("pair", "/api/pair", &[a.url(), b.url()]),
     ));

@@ -671,7 +671,19 @@ pub struct RawInstance {
 }
 
 impl RawInstance {
+    /// Misbehaves on health probes too: its first probe fails, so the
+    /// gateway marks it unhealthy at once.
     pub fn start(behaviour: Behaviour) -> Self {
+        Self::spawn(behaviour, false)
+    }
+
+    /// Answers `GET /health` with 200 and misbehaves on every other request:
+    /// healthy for the probes, failing for proxied requests.
+    pub fn start_passing_probes(behaviour: Behaviour) -> Self {
+        Self::spawn(behaviour, true)
+    }
+
+    fn spawn(behaviour: Behaviour, probes_pass: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let address = listener.local_addr().unwrap();
@@ -683,7 +695,7 @@ impl RawInstance {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         let (counter, stopped) = (counter.clone(), stopped.clone());
-                        std::thread::spawn(move || serve_raw(stream, behaviour, &counter, &stopped));
+                        std::thread::spawn(move || serve_raw(stream, behaviour, probes_pass, &counter, &stopped));
                     }
                     Err(err) if err.kind() == ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(2));
@@ -715,7 +727,13 @@ impl Drop for RawInstance {
     }
 }
 
-fn serve_raw(mut stream: TcpStream, behaviour: Behaviour, counter: &AtomicUsize, stopped: &AtomicBool) {
+fn serve_raw(
+    mut stream: TcpStream,
+    behaviour: Behaviour,
+    probes_pass: bool,
+    counter: &AtomicUsize,
+    stopped: &AtomicBool,
+) {
     stream.set_nonblocking(false).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut head = Vec::new();
@@ -726,7 +744,12 @@ fn serve_raw(mut stream: TcpStream, behaviour: Behaviour, counter: &AtomicUsize,
             Ok(n) => head.extend_from_slice(&buffer[..n]),
         }
     }
-    if !head.is_empty() && !head.starts_with(b"GET /health ") {
+    let probe = head.starts_with(b"GET /health ");
+    if probe && probes_pass {
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+    }
+    if !head.is_empty() && !probe {
         counter.fetch_add(1, Ordering::SeqCst);
     }
     match behaviour {
@@ -746,7 +769,8 @@ fn serve_raw(mut stream: TcpStream, behaviour: Behaviour, counter: &AtomicUsize,
 // ---------------------------------------------------------------------------
 
 /// A `redis-server` child process on a loopback port of its own, without
-/// persistence, killed when dropped.
+/// automatic persistence (only `restart_keeping_data` saves), killed when
+/// dropped.
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
@@ -826,6 +850,52 @@ impl RedisServer {
     /// Kills it if it runs, then starts it again, empty, on the same port.
     pub fn restart(&mut self) {
         self.kill();
+        // What an earlier `restart_keeping_data` saved would be loaded.
+        let _ = std::fs::remove_file(self.dir.path().join("dump.rdb"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `SHUTDOWN SAVE`, then starts it again on the same port and directory,
+    /// where it loads the `dump.rdb` it wrote: a restart with persistence,
+    /// keys and their TTLs kept, scripts forgotten and every client
+    /// connection closed.
+    pub fn restart_keeping_data(&mut self) {
+        let mut child = self.child.take().expect("redis-server runs");
+        // redis-cli reports nothing useful here: the server closes the
+        // connection as it exits.
+        let _ = Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["shutdown", "save"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let exited = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("redis-server did not exit after SHUTDOWN SAVE");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(exited.success(), "SHUTDOWN SAVE failed: {exited}");
+        assert!(
+            self.dir.path().join("dump.rdb").exists(),
+            "SHUTDOWN SAVE wrote no dump.rdb"
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.spawn() {
             assert!(

@@ -96,7 +96,8 @@ service = "metered-svc"
 #[actix_web::test]
 async fn upstream_health_probe_latency_and_errors_are_exported() {
     let live = Upstream::start("live");
-    let dead = closed_port_url();
+    let dying = Upstream::start("dying");
+    let dead = dying.url();
     let gateway = TestGateway::start(&format!(
         r#"
 [health]
@@ -114,8 +115,8 @@ service = "health-metered"
     let live_labels = [("service", "health-metered"), ("instance", live_url.as_str())];
     let dead_labels = [("service", "health-metered"), ("instance", dead.as_str())];
 
-    // The start-up probe: the live instance passes, the dead one fails once
-    // (not yet unhealthy with unhealthy_threshold = 2).
+    // The start-up probe: both pass. Then one stops, still counted healthy
+    // (no probe for 60 s).
     assert!(
         eventually(std::time::Duration::from_secs(5), async || {
             let text = scrape(&gateway).await;
@@ -127,6 +128,8 @@ service = "health-metered"
     );
     let text = scrape(&gateway).await;
     assert_eq!(sample(&text, "gatehouse_upstream_healthy", &live_labels), Some(1.0));
+    assert_eq!(sample(&text, "gatehouse_upstream_healthy", &dead_labels), Some(1.0));
+    dying.stop().await;
 
     // Requests that reach the refused instance fail to connect (and are
     // retried on the live one); one failure marks it unhealthy.

@@ -1127,6 +1127,75 @@ async fn a_gateway_whose_redis_is_down_at_start_up_still_starts_and_serves() {
     counting_resumes_in_redis(&mut redis, &gateway, prefix).await;
 }
 
+/// SPEC §12: a Redis that restarts with its data while no request waits
+/// leaves every worker of both gateways holding a dead connection; each one's
+/// next decision is retried on a fresh connection instead of counting
+/// locally, so the shared limit holds exactly across the restart.
+#[actix_web::test]
+async fn a_redis_restart_with_its_data_kept_makes_no_decision_local() {
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start("app");
+    let prefix = "rl-test-restart-kept";
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+workers = 2
+[rate_limit]
+{limits}
+on_backend_error = "local"
+redis_timeout_ms = 2000
+global = "shared"
+[rate_limit.policies.shared]
+window_s = 60
+max = 10
+key = "ip"
+message = "Too many requests"
+
+{app}
+[routes.api]
+prefix = "/api"
+service = "app"
+"#,
+        limits = on_redis(&redis, prefix),
+        app = app(&upstream),
+    );
+    let gateways = [TestGateway::start(&toml), TestGateway::start(&toml)];
+    let key = key(prefix, "127.0.0.1", "shared");
+    // Each request is a new connection, and each gateway hands its
+    // connections to its workers in turn: alternating gateways reaches
+    // every worker of both, before the restart and after it.
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        statuses.push(get(&gateways[i % 2].url("/api/x")).await.status);
+    }
+    assert_eq!(statuses, [200; 6]);
+    assert_eq!(redis.zcard(&key), 6);
+
+    redis.restart_keeping_data();
+    assert_eq!(redis.zcard(&key), 6, "the restarted Redis kept the counts");
+    for i in 0..8 {
+        statuses.push(get(&gateways[i % 2].url("/api/x")).await.status);
+    }
+    // Since the restart: the helper's PING, one `zcard`, this call, and a
+    // reconnection from each of the four workers whose connection had died.
+    assert!(
+        redis.connections_received() >= 7,
+        "every worker was reached after the restart"
+    );
+    for gateway in &gateways {
+        gateway.stop().await;
+    }
+    assert_eq!(
+        (count(&statuses, 200), count(&statuses, 429)),
+        (10, 4),
+        "statuses in order: {statuses:?}"
+    );
+    assert_eq!(&statuses[10..], [429; 4], "the limit of 10 held across the restart");
+    assert_eq!(redis.zcard(&key), 10, "every admission was counted in Redis");
+    assert_eq!(upstream.hits(), 10);
+}
+
 #[actix_web::test]
 async fn a_script_flush_mid_load_fails_no_request() {
     let redis = RedisServer::start();
