@@ -3,7 +3,11 @@
 # proxy, side by side, in one run, on loopback.
 #
 #   scripts/bench.sh [ROUNDS] [SECONDS]      (defaults: 5 rounds of 10 s)
+#   BASELINE=path/to/gatehouse scripts/bench.sh …
 #
+# With BASELINE, that binary (an earlier build) serves the public route too,
+# with the same settings, interleaved with the others: an A/B of a change in
+# one run.
 # The system under test (nginx proxy or gatehouse, one worker each) is pinned
 # to CPU 0; wrk, the two upstream nginx instances and Redis to the other CPUs.
 # Each round runs every scenario once (A B C … A B C …); the table reports
@@ -45,7 +49,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 UP1=$(free_port); UP2=$(free_port); NGINX_PROXY=$(free_port); REDIS=$(free_port)
-GATEHOUSE=$(free_port); GATEHOUSE_NO_METRICS=$(free_port); GATEHOUSE_INFO_LOG=$(free_port)
+GATEHOUSE=$(free_port); GATEHOUSE_NO_METRICS=$(free_port); GATEHOUSE_INFO_LOG=$(free_port); BASELINE_PORT=$(free_port)
 head -c 16384 /dev/zero | tr '\0' 'x' >"$WORK/16k.txt"
 chmod 755 "$WORK"; chmod 644 "$WORK/16k.txt"   # nginx workers run unprivileged
 mkdir -p "$WORK/logs"
@@ -136,16 +140,21 @@ EOF
 # The gatehouse under test (access log off, as nginx's), plus two variants
 # for the cost of metrics and of the per-request log line at the default
 # level (info, written to a file).
-start_gatehouse() { # port log-level metrics
+start_gatehouse() { # port log-level metrics [binary]
   GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench GATEHOUSE_LOG=$2 GATEHOUSE_METRICS=$3 \
-    GATEHOUSE__SERVER__LISTEN="127.0.0.1:$1" taskset -c "$PROXY_CPU" ./target/release/gatehouse \
+    GATEHOUSE__SERVER__LISTEN="127.0.0.1:$1" taskset -c "$PROXY_CPU" "${4:-./target/release/gatehouse}" \
     2>>"$WORK/logs/gatehouse-$1.log" &
   PIDS+=($!)
 }
 start_gatehouse "$GATEHOUSE" warn on; GATEHOUSE_PID=$!
 start_gatehouse "$GATEHOUSE_NO_METRICS" warn off; NO_METRICS_PID=$!
 start_gatehouse "$GATEHOUSE_INFO_LOG" info on; INFO_LOG_PID=$!
-for port in $UP1 $UP2 $NGINX_PROXY $REDIS $GATEHOUSE $GATEHOUSE_NO_METRICS $GATEHOUSE_INFO_LOG; do wait_port "$port"; done
+PORTS="$UP1 $UP2 $NGINX_PROXY $REDIS $GATEHOUSE $GATEHOUSE_NO_METRICS $GATEHOUSE_INFO_LOG"
+if [ -n "${BASELINE:-}" ]; then
+  start_gatehouse "$BASELINE_PORT" warn on "$BASELINE"; BASELINE_PID=$!
+  PORTS="$PORTS $BASELINE_PORT"
+fi
+for port in $PORTS; do wait_port "$port"; done
 NGINX_PID=$(pgrep -f "nginx: worker process" -P "$(cat "$WORK/nginx-proxy.pid")" | head -1)
 TOKEN=$(GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench ./target/release/gatehouse token --sub bench --ttl 86400)
 
@@ -154,6 +163,7 @@ SCENARIOS=(
   "direct|http://127.0.0.1:$UP1/item||"
   "nginx|http://127.0.0.1:$NGINX_PROXY/item|$NGINX_PID|"
   "gatehouse public|http://127.0.0.1:$GATEHOUSE/public/item|$GATEHOUSE_PID|"
+  ${BASELINE:+"baseline public|http://127.0.0.1:$BASELINE_PORT/public/item|$BASELINE_PID|"}
   "gatehouse public, no metrics|http://127.0.0.1:$GATEHOUSE_NO_METRICS/public/item|$NO_METRICS_PID|"
   "gatehouse public, info log|http://127.0.0.1:$GATEHOUSE_INFO_LOG/public/item|$INFO_LOG_PID|"
   "gatehouse JWT|http://127.0.0.1:$GATEHOUSE/jwt/item|$GATEHOUSE_PID|Authorization: Bearer $TOKEN"
@@ -275,6 +285,11 @@ for conns in (64, 256):
     print(f"- c{conns}: JWT CPU/req vs public {ratio(jwt, public, 4):.2f}x; JWT+Redis req/s vs public {ratio(limited, public, 0):.2f}x"
           f" (Redis CPU {redis_us:.1f} µs per decision, on the load CPU)")
 public, no_metrics, info_log = ("gatehouse public", 64), ("gatehouse public, no metrics", 64), ("gatehouse public, info log", 64)
+for conns in (64, 256):
+    baseline = ("baseline public", conns)
+    if baseline in rows:
+        print(f"- c{conns}: this build against BASELINE on the public route: CPU/req {100 * (ratio(('gatehouse public', conns), baseline, 4) - 1):+.1f} %,"
+              f" req/s {100 * (ratio(('gatehouse public', conns), baseline, 0) - 1):+.1f} %, p99 {med(('gatehouse public', conns), 2):.2f} vs {med(baseline, 2):.2f} ms")
 print(f"- metrics cost: CPU/req {100 * (ratio(public, no_metrics, 4) - 1):+.1f} % against no metrics")
 print(f"- per-request info log line: CPU/req {100 * (ratio(info_log, public, 4) - 1):+.1f} % against warn level")
 print(f"- gatehouse RSS: {int(rss_start)/1024:.1f} MiB idle at start, {int(rss_end)/1024:.1f} MiB at the end, peak {int(hwm)/1024:.1f} MiB")
