@@ -239,9 +239,8 @@ async fn post(url: &str, body: &'static str) -> Reply {
 async fn sequential_requests_rotate_evenly_over_two_and_three_instances_whatever_the_workers() {
     for workers in [2, 4] {
         let (a, b, c) = (Upstream::start("a"), Upstream::start("b"), Upstream::start("c"));
-        let gateway = TestGateway::start(&format!(
-            "{}[health]\ninterval_ms = 100\ntimeout_ms = 200\n{}{}",
-            server(workers),
+        let gateway = TestGateway::builder().workers(workers).start(&format!(
+            "[health]\ninterval_ms = 100\ntimeout_ms = 200\n{}{}",
             service("pair", &urls(&[&a, &b])),
             service("trio", &urls(&[&a, &b, &c])),
         ));
@@ -263,9 +262,8 @@ async fn sequential_requests_rotate_evenly_over_two_and_three_instances_whatever
 #[actix_web::test]
 async fn consecutive_requests_never_repeat_an_instance_over_fresh_connections() {
     let (a, b) = (Upstream::start("a"), Upstream::start("b"));
-    let gateway = TestGateway::start(&format!(
-        "{}[health]\ninterval_ms = 100\ntimeout_ms = 200\n{}",
-        server(4),
+    let gateway = TestGateway::builder().workers(4).start(&format!(
+        "[health]\ninterval_ms = 100\ntimeout_ms = 200\n{}",
         service("pair", &urls(&[&a, &b])),
     ));
     let names = answered_by(&gateway, "/api/pair", 20, Connections::FreshPerRequest).await;
@@ -280,9 +278,8 @@ async fn consecutive_requests_never_repeat_an_instance_over_fresh_connections() 
 #[actix_web::test]
 async fn concurrent_requests_on_four_workers_are_spread_evenly_too() {
     let (a, b, c) = (Upstream::start("a"), Upstream::start("b"), Upstream::start("c"));
-    let gateway = TestGateway::start(&format!(
-        "{}[health]\ninterval_ms = 100\ntimeout_ms = 200\n{}",
-        server(4),
+    let gateway = TestGateway::builder().workers(4).start(&format!(
+        "[health]\ninterval_ms = 100\ntimeout_ms = 200\n{}",
         service("trio", &urls(&[&a, &b, &c])),
     ));
     let url = gateway.url("/api/trio/concurrent");

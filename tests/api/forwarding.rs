@@ -22,12 +22,11 @@ fn one_service(upstream: &Upstream) -> String {
     )
 }
 
-/// The same, with loopback peers trusted as proxies.
-fn one_service_behind_trusted_proxies(upstream: &Upstream) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}",
-        one_service(upstream)
-    )
+/// A gateway in front of [`one_service`] that trusts loopback peers as proxies.
+fn behind_trusted_proxies(upstream: &Upstream) -> TestGateway {
+    TestGateway::builder()
+        .server("trusted_proxies = [\"127.0.0.0/8\"]")
+        .start(&one_service(upstream))
 }
 
 // Step 7: hop-by-hop headers.
@@ -161,7 +160,7 @@ async fn an_untrusted_peer_cannot_claim_another_address() {
 #[actix_web::test]
 async fn a_trusted_proxy_gets_the_peer_appended_to_its_x_forwarded_for() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&one_service_behind_trusted_proxies(&upstream));
+    let gateway = behind_trusted_proxies(&upstream);
 
     let response = client()
         .get(gateway.url("/api/who"))
@@ -386,27 +385,8 @@ async fn head_keeps_the_upstream_length_and_sends_no_body() {
 
 /// A loopback upstream that answers every request on every connection
 /// with the same raw `response` bytes, then closes.
-fn raw_upstream(response: &'static str) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                use std::io::Write;
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match stream.read(&mut byte) {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
-                }
-                let _ = stream.write_all(response.as_bytes());
-            });
-        }
-    });
-    format!("[\"http://{address}\"]")
+fn raw_upstream(response: &'static str) -> RawInstance {
+    RawInstance::start(Behaviour::Answer(response.as_bytes()))
 }
 
 #[actix_web::test]
@@ -426,7 +406,8 @@ async fn hop_by_hop_headers_of_the_upstream_response_are_not_returned() {
         "ok",
     ));
     let gateway = TestGateway::start(&format!(
-        "[services.api]\ninstances = {upstream}\n[routes.api]\nprefix = \"/api\"\nservice = \"api\"\n"
+        "[services.api]\ninstances = [\"{}\"]\n[routes.api]\nprefix = \"/api\"\nservice = \"api\"\n",
+        upstream.url()
     ));
 
     let reply = get(&gateway.url("/api/hop")).await;

@@ -18,16 +18,11 @@ const CLOSED_WITHIN: Duration = Duration::from_secs(3);
 
 const BAD_REQUEST: &str = r#"{"error":"Bad request"}"#;
 
-/// One service `api` on `upstream`, one route on `prefix`, and extra
-/// `[server]` keys.
-fn config(upstream: &Upstream, prefix: &str, server: &str) -> String {
-    format!(
+/// A gateway with one service `api` on `upstream`, one route on `prefix`,
+/// and extra `[server]` keys.
+fn start_gateway(upstream: &Upstream, prefix: &str, server: &str) -> TestGateway {
+    TestGateway::builder().server(server).start(&format!(
         r#"
-[server]
-listen = "127.0.0.1:0"
-workers = 2
-{server}
-
 [services.api]
 instances = {instances}
 
@@ -36,7 +31,7 @@ prefix = "{prefix}"
 service = "api"
 "#,
         instances = instances(&[upstream]),
-    )
+    ))
 }
 
 /// The first response read off a raw connection, and how long the gateway
@@ -167,7 +162,7 @@ fn chunked_request(target: &str, chunks: &[&[u8]]) -> Vec<u8> {
 /// by the gateway, nothing forwarded. Every failing case is reported.
 fn assert_refused_as_ambiguous(cases: &[(&str, String)]) {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/", ""));
+    let gateway = start_gateway(&upstream, "/", "");
     let mut problems = Vec::new();
     for (name, request) in cases {
         let before = upstream.hits();
@@ -283,7 +278,7 @@ fn more_than_one_host_line_gets_400_and_a_closed_connection_even_when_identical(
 #[test]
 fn a_request_hidden_in_an_ambiguous_body_never_reaches_the_upstream() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/", ""));
+    let gateway = start_gateway(&upstream, "/", "");
     let hidden = "GET /api/smuggled HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n";
 
     // CL.TE: a front end that believes Content-Length forwards it all; a back
@@ -328,7 +323,7 @@ fn a_request_hidden_in_an_ambiguous_body_never_reaches_the_upstream() {
 #[test]
 fn a_request_inside_a_well_framed_body_is_forwarded_as_body_not_as_a_request() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/", ""));
+    let gateway = start_gateway(&upstream, "/", "");
     let hidden = b"GET /api/smuggled HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n";
 
     let reply = exchange(&gateway, &chunked_request("/api/x", &[hidden]));
@@ -348,7 +343,7 @@ fn a_request_inside_a_well_framed_body_is_forwarded_as_body_not_as_a_request() {
 #[test]
 fn pipelined_requests_reach_the_upstream_one_for_one() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/", ""));
+    let gateway = start_gateway(&upstream, "/", "");
     let mut request = post_request("/api/one", b"hello");
     request.extend_from_slice(b"GET /api/two HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n");
     request.extend_from_slice(&get_request("/api/three"));
@@ -364,7 +359,7 @@ fn pipelined_requests_reach_the_upstream_one_for_one() {
 #[test]
 fn an_absolute_form_target_is_routed_by_its_path_alone() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", ""));
+    let gateway = start_gateway(&upstream, "/api", "");
 
     let reply = exchange(
         &gateway,
@@ -385,7 +380,7 @@ fn an_absolute_form_target_is_routed_by_its_path_alone() {
 fn the_authority_of_an_absolute_form_target_is_never_dialed() {
     let upstream = Upstream::start("api");
     let decoy = Upstream::start("decoy");
-    let gateway = TestGateway::start(&config(&upstream, "/api", ""));
+    let gateway = start_gateway(&upstream, "/api", "");
 
     let request = format!(
         "GET http://{decoy}/api/x HTTP/1.1\r\nHost: {decoy}\r\nConnection: close\r\n\r\n",
@@ -413,7 +408,7 @@ fn the_authority_of_an_absolute_form_target_is_never_dialed() {
 #[test]
 fn paths_are_normalized_before_they_are_forwarded() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", ""));
+    let gateway = start_gateway(&upstream, "/api", "");
     let cases = [
         ("/api//x", "/api/x"),
         ("/api///x//y", "/api/x/y"),
@@ -461,7 +456,7 @@ fn paths_are_normalized_before_they_are_forwarded() {
 #[test]
 fn the_query_string_is_forwarded_as_sent() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", ""));
+    let gateway = start_gateway(&upstream, "/api", "");
     let cases = [
         ("/api/x?a=1&b=2", "/api/x?a=1&b=2"),
         (
@@ -482,7 +477,7 @@ fn the_query_string_is_forwarded_as_sent() {
 #[test]
 fn the_normalized_path_is_the_one_matched() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", ""));
+    let gateway = start_gateway(&upstream, "/api", "");
 
     let reply = exchange(&gateway, &get_request("/%61pi/x"));
     assert_eq!(reply.status, Some(200), "an encoded prefix still matches");
@@ -501,7 +496,7 @@ fn the_normalized_path_is_the_one_matched() {
 /// each must get the JSON 400 and reach nobody.
 fn assert_paths_refused(targets: &[&str]) {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/", ""));
+    let gateway = start_gateway(&upstream, "/", "");
     let mut problems = Vec::new();
     for target in targets {
         let before = upstream.hits();
@@ -568,7 +563,7 @@ fn dot_segments_that_climb_above_the_root_get_400() {
 fn raw_backslashes_and_control_bytes_in_the_path_are_refused() {
     // The HTTP parser may refuse these itself, with a bare 400.
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/", ""));
+    let gateway = start_gateway(&upstream, "/", "");
     let targets: [&[u8]; 5] = [
         b"/api/a\\b",
         b"/api\\..\\x",
@@ -612,7 +607,7 @@ fn head_of_size(size: usize) -> String {
 #[test]
 fn a_request_head_over_max_header_bytes_gets_431() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", "max_header_bytes = 1024"));
+    let gateway = start_gateway(&upstream, "/api", "max_header_bytes = 1024");
 
     for size in [2000, 1025] {
         let reply = exchange(&gateway, head_of_size(size).as_bytes());
@@ -629,7 +624,7 @@ fn a_request_head_over_max_header_bytes_gets_431() {
 #[test]
 fn a_request_head_within_max_header_bytes_passes() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", "max_header_bytes = 1024"));
+    let gateway = start_gateway(&upstream, "/api", "max_header_bytes = 1024");
 
     for size in [1000, 1024] {
         let reply = exchange(&gateway, head_of_size(size).as_bytes());
@@ -651,7 +646,7 @@ fn a_request_head_within_max_header_bytes_passes() {
 #[test]
 fn a_request_head_beyond_the_parsers_own_cap_gets_431() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", "max_header_bytes = 1048576"));
+    let gateway = start_gateway(&upstream, "/api", "max_header_bytes = 1048576");
 
     // 128 KiB of an unfinished head: the parser's buffer is full and it can
     // never end; the gateway answers instead of waiting for more.
@@ -673,7 +668,7 @@ fn a_request_head_beyond_the_parsers_own_cap_gets_431() {
 #[test]
 fn a_declared_body_over_max_body_bytes_gets_413_and_never_reaches_the_upstream() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", "max_body_bytes = 1000"));
+    let gateway = start_gateway(&upstream, "/api", "max_body_bytes = 1000");
 
     let reply = exchange(&gateway, &post_request("/api/upload", &pattern(1001)));
     assert_eq!(reply.status, Some(413), "{:?}", reply.raw);
@@ -695,7 +690,7 @@ fn a_declared_body_over_max_body_bytes_gets_413_and_never_reaches_the_upstream()
 #[test]
 fn a_chunked_body_growing_past_max_body_bytes_gets_413() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", "max_body_bytes = 1000"));
+    let gateway = start_gateway(&upstream, "/api", "max_body_bytes = 1000");
 
     let body = pattern(1200);
     let reply = exchange(&gateway, &chunked_request("/api/upload", &[&body[..600], &body[600..]]));
@@ -722,7 +717,7 @@ fn a_chunked_body_growing_past_max_body_bytes_gets_413() {
 #[test]
 fn a_body_of_exactly_max_body_bytes_passes_intact() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", "max_body_bytes = 1000"));
+    let gateway = start_gateway(&upstream, "/api", "max_body_bytes = 1000");
     let body = pattern(1000);
 
     let reply = exchange(&gateway, &post_request("/api/upload", &body));
@@ -747,7 +742,7 @@ fn a_body_of_exactly_max_body_bytes_passes_intact() {
 #[test]
 fn a_stalled_request_head_gets_408_or_is_closed() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", "client_request_timeout_ms = 300"));
+    let gateway = start_gateway(&upstream, "/api", "client_request_timeout_ms = 300");
 
     for (name, partial) in [
         ("half a head", &b"GET /api/x HTTP/1.1\r\nHost: gatehouse.test\r\n"[..]),
@@ -767,7 +762,7 @@ fn a_stalled_request_head_gets_408_or_is_closed() {
 #[test]
 fn a_connection_that_sends_nothing_is_closed_after_the_head_timeout() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", "client_request_timeout_ms = 300"));
+    let gateway = start_gateway(&upstream, "/api", "client_request_timeout_ms = 300");
 
     // Several idle connections, opened at different moments.
     let replies: Vec<RawReply> = std::thread::scope(|scope| {
@@ -796,7 +791,7 @@ fn a_connection_that_sends_nothing_is_closed_after_the_head_timeout() {
 #[test]
 fn a_complete_request_is_never_answered_408_under_a_short_head_timeout() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", "client_request_timeout_ms = 300"));
+    let gateway = start_gateway(&upstream, "/api", "client_request_timeout_ms = 300");
 
     // Each head is written whole, at once, right after connecting.
     let mut statuses = std::collections::BTreeMap::new();
@@ -815,7 +810,7 @@ fn a_complete_request_is_never_answered_408_under_a_short_head_timeout() {
 #[actix_web::test]
 async fn the_head_timeout_does_not_cut_a_slow_upstream() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(&upstream, "/api", "client_request_timeout_ms = 1000"));
+    let gateway = start_gateway(&upstream, "/api", "client_request_timeout_ms = 1000");
 
     let reply = get(&gateway.url("/api/slow/1500")).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -827,11 +822,7 @@ async fn the_head_timeout_does_not_cut_a_slow_upstream() {
 #[test]
 fn the_gateways_own_errors_carry_the_security_headers_and_a_request_id() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&config(
-        &upstream,
-        "/api",
-        "max_header_bytes = 1024\nmax_body_bytes = 1000",
-    ));
+    let gateway = start_gateway(&upstream, "/api", "max_header_bytes = 1024\nmax_body_bytes = 1000");
     let cases: [(&str, Vec<u8>, u16); 4] = [
         ("bad path", get_request("/api/a%2Fb"), 400),
         ("no route", get_request("/nowhere"), 404),

@@ -68,11 +68,9 @@ fn read_one_response(stream: &mut TcpStream, limit: Duration) -> StalledOutcome 
 
 /// A one-worker gateway with the service `api` on `upstream` behind `/api`.
 fn api_gateway(upstream: &Upstream) -> TestGateway {
-    TestGateway::start(&format!(
-        "{}{}",
-        server(1),
-        service_at("api", "/api", &[upstream.url()])
-    ))
+    TestGateway::builder()
+        .workers(1)
+        .start(&service_at("api", "/api", &[upstream.url()]))
 }
 
 // ---------------------------------------------------------------------------
@@ -82,10 +80,9 @@ fn api_gateway(upstream: &Upstream) -> TestGateway {
 #[actix_web::test]
 async fn a_client_that_stalls_its_upload_gets_504_and_does_not_make_the_instance_unhealthy() {
     let upstream = Upstream::start("api");
-    let gateway = TestGateway::start(&format!(
-        "{}[upstream]\nrequest_timeout_ms = 500\n\
+    let gateway = TestGateway::builder().workers(1).start(&format!(
+        "[upstream]\nrequest_timeout_ms = 500\n\
          [health]\ninterval_ms = 60000\ntimeout_ms = 500\npassive_failures = 1\n{}",
-        server(1),
         service_at("api", "/api", &[upstream.url()]),
     ));
 
@@ -148,10 +145,9 @@ async fn a_retry_after_a_late_reset_stays_inside_the_request_timeout() {
     // Both pass their probes: one failed at start-up would take it out.
     let a = RawInstance::start_passing_probes(Behaviour::CloseAfter(Duration::from_millis(1000)));
     let b = RawInstance::start_passing_probes(Behaviour::Hold);
-    let gateway = TestGateway::start(&format!(
-        "{}[upstream]\nrequest_timeout_ms = 1500\n\
+    let gateway = TestGateway::builder().workers(1).start(&format!(
+        "[upstream]\nrequest_timeout_ms = 1500\n\
          [health]\ninterval_ms = 60000\ntimeout_ms = 2000\nunhealthy_threshold = 10\npassive_failures = 1000\n{}",
-        server(1),
         service_at("pair", "/api/pair", &[a.url(), b.url()]),
     ));
 
@@ -194,9 +190,8 @@ async fn a_retry_after_a_late_reset_stays_inside_the_request_timeout() {
 #[actix_web::test]
 async fn slow_requests_holding_one_hosts_connections_do_not_delay_another_host() {
     let (a, b) = (Upstream::start("a"), Upstream::start("b"));
-    let gateway = TestGateway::start(&format!(
-        "{}[upstream]\nmax_connections_per_host = 2\n[health]\ninterval_ms = 60000\n{}{}",
-        server(1),
+    let gateway = TestGateway::builder().workers(1).start(&format!(
+        "[upstream]\nmax_connections_per_host = 2\n[health]\ninterval_ms = 60000\n{}{}",
         service_at("a", "/a", &[a.url()]),
         service_at("b", "/b", &[b.url()]),
     ));
@@ -235,11 +230,10 @@ async fn slow_requests_holding_one_hosts_connections_do_not_delay_another_host()
 #[actix_web::test]
 async fn an_invented_method_is_counted_as_other_in_the_metrics() {
     let upstream = Upstream::start("inventive");
-    let gateway = TestGateway::start(&format!(
-        "{}{}",
-        server(1),
-        service_at("invented-methods", "/invented", &[upstream.url()]),
-    ));
+    let gateway =
+        TestGateway::builder()
+            .workers(1)
+            .start(&service_at("invented-methods", "/invented", &[upstream.url()]));
     let reply = raw_request(
         &gateway,
         &["FOO /invented/x HTTP/1.1", "Host: gateway.test", "Connection: close"],
@@ -389,8 +383,8 @@ async fn sequential_requests_share_one_redis_connection_and_cost_one_script_call
     let redis = RedisServer::start();
     let upstream = Upstream::start("app");
     let connections_before = redis.connections_received();
-    let gateway = TestGateway::start(&format!(
-        r#"{server}
+    let gateway = TestGateway::builder().workers(1).start(&format!(
+        r#"
 [rate_limit]
 backend = "redis"
 redis_url = "{url}"
@@ -407,7 +401,6 @@ prefix = "/app"
 service = "app"
 rate_limit = "roomy"
 "#,
-        server = server(1),
         url = redis.url(),
         instances = instances(&[&upstream]),
     ));
@@ -442,11 +435,11 @@ rate_limit = "roomy"
 // 8. Retry-After waits for every exhausted policy
 // ---------------------------------------------------------------------------
 
-/// Global policy 2 per 60 s; route `/r` adds 1 per 5 s; `/other` has only the
-/// global one.
-fn two_policies(rate_limit: &str, upstream: &Upstream) -> String {
-    format!(
-        r#"{server}
+/// One worker; global policy 2 per 60 s; route `/r` adds 1 per 5 s;
+/// `/other` has only the global one.
+fn two_policies(rate_limit: &str, upstream: &Upstream) -> TestGateway {
+    TestGateway::builder().workers(1).start(&format!(
+        r#"
 [rate_limit]
 {rate_limit}
 global = "everything"
@@ -469,9 +462,8 @@ rate_limit = "tight"
 prefix = "/other"
 service = "app"
 "#,
-        server = server(1),
         instances = instances(&[upstream]),
-    )
+    ))
 }
 
 /// /other (global 1 of 2), /r (global 2 of 2, route 1 of 1), /r again:
@@ -506,7 +498,7 @@ async fn retry_after_covers_the_longest_exhausted_policy(gateway: &TestGateway) 
 #[actix_web::test]
 async fn memory_retry_after_waits_for_every_exhausted_policy() {
     let upstream = Upstream::start("app");
-    let gateway = TestGateway::start(&two_policies("backend = \"memory\"", &upstream));
+    let gateway = two_policies("backend = \"memory\"", &upstream);
     retry_after_covers_the_longest_exhausted_policy(&gateway).await;
 }
 
@@ -514,13 +506,13 @@ async fn memory_retry_after_waits_for_every_exhausted_policy() {
 async fn redis_retry_after_waits_for_every_exhausted_policy() {
     let redis = RedisServer::start();
     let upstream = Upstream::start("app");
-    let gateway = TestGateway::start(&two_policies(
+    let gateway = two_policies(
         &format!(
             "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"hardening-retry-after\"",
             redis.url()
         ),
         &upstream,
-    ));
+    );
     retry_after_covers_the_longest_exhausted_policy(&gateway).await;
 }
 
@@ -593,10 +585,10 @@ fn read_one_kept_alive_response(stream: &mut TcpStream) -> String {
 /// One worker (so both requests share its connection watch) and a short
 /// head timeout, in front of `upstream` at `/api`.
 fn one_worker_with_300_ms_head_timeout(upstream: &Upstream) -> TestGateway {
-    TestGateway::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\nclient_request_timeout_ms = 300\n{}",
-        service_at("api", "/api", &[upstream.url()])
-    ))
+    TestGateway::builder()
+        .workers(1)
+        .server("client_request_timeout_ms = 300")
+        .start(&service_at("api", "/api", &[upstream.url()]))
 }
 
 #[actix_web::test]
@@ -654,23 +646,12 @@ async fn a_slow_response_on_a_kept_alive_connection_is_not_cut() {
 #[actix_web::test]
 async fn an_upstream_body_that_stalls_is_cut_after_the_body_idle_timeout() {
     // An upstream that sends its head and 10 of 100 promised bytes, then waits.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream_url = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut buffer = [0u8; 4096];
-                let _ = stream.read(&mut buffer);
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789");
-                std::thread::sleep(Duration::from_secs(20));
-            });
-        }
-    });
-    let gateway = TestGateway::start(&format!(
-        "{}[upstream]\nbody_idle_timeout_ms = 500\n{}",
-        server(1),
-        service_at("api", "/api", &[upstream_url])
+    let upstream = RawInstance::start(Behaviour::AnswerThenHold(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+    ));
+    let gateway = TestGateway::builder().workers(1).start(&format!(
+        "[upstream]\nbody_idle_timeout_ms = 500\n{}",
+        service_at("api", "/api", &[upstream.url()])
     ));
     let address = gateway.address;
     let (received, elapsed) = actix_web::rt::task::spawn_blocking(move || {

@@ -3,9 +3,11 @@
 //! real binary, an HTTP client that neither follows redirects nor
 //! decompresses, a raw TCP client for malformed requests, instances on raw
 //! sockets that close or never answer, a real `redis-server`, and the binary
-//! run to its end with a clean environment.
+//! run to its end with a clean environment. Every server here stops when its
+//! handle is dropped, so a test that fails halfway leaves no port open.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -62,11 +64,13 @@ struct UpstreamState {
 /// - anything else echoes JSON: instance, method, target, headers, body size and hash.
 ///
 /// Every response carries `Server: upstream-server` and `X-Powered-By: Express`.
+///
+/// Dropping it stops the server and closes its port.
 pub struct Upstream {
     pub name: String,
     pub address: SocketAddr,
     state: Arc<UpstreamState>,
-    handle: ServerHandle,
+    server: ServerThread,
 }
 
 impl Upstream {
@@ -79,34 +83,27 @@ impl Upstream {
         let state = Arc::new(UpstreamState::default());
         state.health_status.store(200, Ordering::SeqCst);
         let address = listener.local_addr().unwrap();
-        let (sender, receiver) = std::sync::mpsc::channel();
         let name_for_server = name.to_owned();
         let state_for_server = state.clone();
-        std::thread::spawn(move || {
-            actix_web::rt::System::new().block_on(async move {
-                let name = name_for_server.clone();
-                let state = state_for_server.clone();
-                let server = HttpServer::new(move || {
-                    App::new()
-                        .app_data(web::Data::new((name.clone(), state.clone())))
-                        .default_service(web::to(upstream_handler))
-                })
-                .workers(2)
-                .disable_signals()
-                .shutdown_timeout(0)
-                .listen(listener)
-                .unwrap()
-                .run();
-                sender.send(server.handle()).unwrap();
-                let _ = server.await;
-            });
+        let (server, ()) = ServerThread::spawn(move || {
+            let server = HttpServer::new(move || {
+                App::new()
+                    .app_data(web::Data::new((name_for_server.clone(), state_for_server.clone())))
+                    .default_service(web::to(upstream_handler))
+            })
+            .workers(2)
+            .disable_signals()
+            .shutdown_timeout(0)
+            .listen(listener)
+            .unwrap()
+            .run();
+            ((), server.handle(), server)
         });
-        let handle = receiver.recv().unwrap();
         Self {
             name: name.to_owned(),
             address,
             state,
-            handle,
+            server,
         }
     }
 
@@ -131,10 +128,96 @@ impl Upstream {
         self.state.health_status.store(status, Ordering::SeqCst);
     }
 
-    /// Stops the server; its port then refuses connections.
+    /// Stops the server now, without waiting for open connections; its port
+    /// then refuses connections.
     pub async fn stop(&self) {
-        self.handle.stop(false).await;
+        self.server.stop(false).await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// Servers on threads of their own
+// ---------------------------------------------------------------------------
+
+/// How long a dropped test server may take to stop before the test goes on
+/// without it (and says so on stderr).
+const STOP_LIMIT: Duration = Duration::from_secs(5);
+
+/// An actix server on a thread of its own, in its own `System`, so a test's
+/// runtime never serves it. Dropping it stops the server without waiting for
+/// open connections and waits, [`STOP_LIMIT`] at most, for the thread to end:
+/// by then the acceptor has released the listener and the port is closed.
+struct ServerThread {
+    handle: ServerHandle,
+    system: actix_web::rt::System,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// Runs `start` inside the new `System`: it binds and returns what the
+    /// test needs, the server's handle, and the future that serves until the
+    /// server stops. A panic in `start` is the caller's panic.
+    fn spawn<T, F>(start: impl FnOnce() -> (T, ServerHandle, F) + Send + 'static) -> (Self, T)
+    where
+        T: Send + 'static,
+        F: Future + 'static,
+    {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let (value, handle, serving) = start();
+                let _ = sender.send((value, handle, actix_web::rt::System::current()));
+                serving.await;
+            });
+        });
+        match receiver.recv() {
+            Ok((value, handle, system)) => (
+                Self {
+                    handle,
+                    system,
+                    thread: Some(thread),
+                },
+                value,
+            ),
+            Err(_) => match thread.join() {
+                Err(panic) => std::panic::resume_unwind(panic),
+                Ok(()) => panic!("the server thread ended before it started serving"),
+            },
+        }
+    }
+
+    /// Stops the server (`graceful`: after open requests finish, within the
+    /// server's shutdown timeout) and waits until it has.
+    async fn stop(&self, graceful: bool) {
+        self.handle.stop(graceful).await;
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        // The stop is awaited on the server's own System, which drives it
+        // whatever runtime (or none) the dropping test runs on. Harmless when
+        // the server has stopped already: the arbiter or the server is gone.
+        let handle = self.handle.clone();
+        self.system.arbiter().spawn(async move { handle.stop(false).await });
+        if let Some(thread) = self.thread.take() {
+            join_within(thread, STOP_LIMIT, "a test server");
+        }
+    }
+}
+
+/// Joins `thread` if it ends within `limit`; otherwise leaves it and says so,
+/// so a stuck server never hangs the test that dropped it.
+fn join_within(thread: std::thread::JoinHandle<()>, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    while !thread.is_finished() {
+        if Instant::now() >= deadline {
+            eprintln!("{what} did not stop within {limit:?}; leaving its thread behind");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = thread.join();
 }
 
 type UpstreamData = web::Data<(String, Arc<UpstreamState>)>;
@@ -289,45 +372,95 @@ pub fn load_settings(dir: &Path) -> Settings {
 }
 
 /// The real gateway, in this process, on its own thread and actix System.
+/// Dropping it stops the gateway and closes its port.
 pub struct TestGateway {
     pub address: SocketAddr,
-    handle: ServerHandle,
+    server: ServerThread,
     _settings_dir: tempfile::TempDir,
 }
 
 impl TestGateway {
-    /// `toml` is the whole configuration; `server.listen` should be
-    /// `127.0.0.1:0` (it is set so when absent).
+    /// Starts with the builder's defaults; `toml` is everything after the
+    /// `[server]` table that [`GatewayBuilder`] writes.
     pub fn start(toml: &str) -> Self {
-        let toml = if toml.contains("listen") {
-            toml.to_owned()
-        } else {
-            format!("[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n{toml}")
-        };
-        let dir = settings_dir(&toml);
-        let settings = load_settings(dir.path());
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            actix_web::rt::System::new().block_on(async move {
-                let application = Application::build(&settings).expect("gateway starts");
-                sender.send((application.address(), application.handle())).unwrap();
-                let _ = application.run_until_stopped().await;
-            });
-        });
-        let (address, handle) = receiver.recv().unwrap();
-        Self {
-            address,
-            handle,
-            _settings_dir: dir,
-        }
+        Self::builder().start(toml)
+    }
+
+    /// Two workers on `127.0.0.1:0`, unless told otherwise.
+    pub fn builder() -> GatewayBuilder<Self> {
+        GatewayBuilder::new(2)
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
     }
 
+    /// Stops gracefully: open requests finish first, within
+    /// `server.shutdown_timeout_s`.
     pub async fn stop(&self) {
-        self.handle.stop(true).await;
+        self.server.stop(true).await;
+    }
+}
+
+/// Starts a test gateway ([`TestGateway`] in process, [`GatewayProcess`]
+/// for the binary). It always writes the `[server]` table itself: `listen`
+/// (port 0 in process, a free port for the binary), `workers`, then the
+/// lines given with [`GatewayBuilder::server`]; the test's configuration
+/// follows, from its first table on. A `[server]` table of the test's own
+/// would be a duplicate and fails to load: its keys go through `server`.
+pub struct GatewayBuilder<G> {
+    workers: usize,
+    server: String,
+    env: Vec<(String, String)>,
+    gateway: std::marker::PhantomData<fn() -> G>,
+}
+
+impl<G> GatewayBuilder<G> {
+    fn new(workers: usize) -> Self {
+        Self {
+            workers,
+            server: String::new(),
+            env: Vec::new(),
+            gateway: std::marker::PhantomData,
+        }
+    }
+
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Lines for the `[server]` table, e.g. `max_body_bytes = 1000`.
+    pub fn server(mut self, lines: &str) -> Self {
+        self.server.push_str(lines);
+        self.server.push('\n');
+        self
+    }
+
+    /// The whole configuration, `[server]` table and all, listening on `listen`.
+    fn config(&self, listen: SocketAddr, toml: &str) -> String {
+        format!(
+            "[server]\nlisten = \"{listen}\"\nworkers = {}\n{}{toml}",
+            self.workers, self.server
+        )
+    }
+}
+
+impl GatewayBuilder<TestGateway> {
+    /// Starts the gateway in this process with `toml` after the `[server]` table.
+    pub fn start(self, toml: &str) -> TestGateway {
+        let dir = settings_dir(&self.config(([127, 0, 0, 1], 0).into(), toml));
+        let settings = load_settings(dir.path());
+        let (server, address) = ServerThread::spawn(move || {
+            let application = Application::build(&settings).expect("gateway starts");
+            let (address, handle) = (application.address(), application.handle());
+            (address, handle, application.run_until_stopped())
+        });
+        TestGateway {
+            address,
+            server,
+            _settings_dir: dir,
+        }
     }
 }
 
@@ -428,7 +561,8 @@ pub fn rss_kib_of(pid: u32) -> Option<u64> {
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// The real `gatehouse` binary, with its own settings directory.
+/// The real `gatehouse` binary, with its own settings directory, killed
+/// when dropped.
 pub struct GatewayProcess {
     pub child: Child,
     pub address: SocketAddr,
@@ -436,32 +570,20 @@ pub struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    /// Starts the binary on a free port and waits until `/health` answers.
+    /// Starts the binary with the builder's defaults and `env`, and waits
+    /// until it listens.
     pub fn start(toml: &str, env: &[(&str, &str)]) -> Self {
-        let address: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let dir = settings_dir(&format!("[server]\nlisten = \"{address}\"\nworkers = 1\n{toml}"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
-        command
-            .env("GATEHOUSE_SETTINGS_DIR", dir.path())
-            .env("GATEHOUSE_ENV", "test")
-            .env("GATEHOUSE_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        let mut builder = Self::builder();
         for (name, value) in env {
-            command.env(name, value);
+            builder = builder.env(name, value);
         }
-        let child = command.spawn().expect("the gatehouse binary starts");
-        let process = Self {
-            child,
-            address,
-            _settings_dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(address).is_err() {
-            assert!(Instant::now() < deadline, "gatehouse did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        process
+        builder.start(toml)
+    }
+
+    /// One worker on a free loopback port, `GATEHOUSE_ENV=test`,
+    /// `GATEHOUSE_LOG=warn`, unless told otherwise.
+    pub fn builder() -> GatewayBuilder<Self> {
+        GatewayBuilder::new(1)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -508,6 +630,41 @@ impl Drop for GatewayProcess {
     }
 }
 
+impl GatewayBuilder<GatewayProcess> {
+    /// An environment variable for the binary (set after the defaults).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts the binary on a free port with `toml` after the `[server]`
+    /// table, and waits until it listens.
+    pub fn start(self, toml: &str) -> GatewayProcess {
+        let address: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let dir = settings_dir(&self.config(address, toml));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
+        command
+            .env("GATEHOUSE_SETTINGS_DIR", dir.path())
+            .env("GATEHOUSE_ENV", "test")
+            .env("GATEHOUSE_LOG", "warn")
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = command.spawn().expect("the gatehouse binary starts");
+        let process = GatewayProcess {
+            child,
+            address,
+            _settings_dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(address).is_err() {
+            assert!(Instant::now() < deadline, "gatehouse did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        process
+    }
+}
+
 /// A free loopback port (bound, then released), for a server to take.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -516,11 +673,6 @@ pub fn free_port() -> u16 {
 // ---------------------------------------------------------------------------
 // Configuration
 // ---------------------------------------------------------------------------
-
-/// A `[server]` table with `workers` HTTP workers on a free loopback port.
-pub fn server(workers: usize) -> String {
-    format!("[server]\nlisten = \"127.0.0.1:0\"\nworkers = {workers}\n")
-}
 
 /// Service `name` with `urls`, behind the route `prefix` (also named `name`).
 pub fn service_at(name: &str, prefix: &str, urls: &[String]) -> String {
@@ -653,21 +805,34 @@ pub fn instance<'a>(report: &'a serde_json::Value, service: &str, url: &str) -> 
 // ---------------------------------------------------------------------------
 
 /// How a [`RawInstance`] treats each connection once it has read the head.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub enum Behaviour {
     /// Waits, then closes without a byte of response: a reset before the head.
     CloseAfter(Duration),
     /// Keeps the connection open and never answers.
     Hold,
+    /// Writes these bytes, whatever the request, then closes.
+    Answer(&'static [u8]),
+    /// Writes these bytes, then keeps the connection open and silent.
+    AnswerThenHold(&'static [u8]),
+    /// Lets the test write the answer: it gets the request head (without
+    /// the blank line) and the connection, which closes when it returns.
+    /// For what no HTTP server library would send (120 header lines, a
+    /// garbled status line, a body that pauses).
+    Script(Arc<Answer>),
 }
+
+pub type Answer = dyn Fn(&str, &mut TcpStream) + Send + Sync;
 
 /// An instance on a raw loopback listener that accepts every connection on a
 /// thread of its own, reads the request head and then behaves as told.
-/// Counts the requests other than health probes.
+/// Keeps the heads of the requests other than health probes. Dropping it
+/// closes the listener and every connection, and ends its threads.
 pub struct RawInstance {
     pub address: SocketAddr,
-    requests: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl RawInstance {
@@ -683,19 +848,27 @@ impl RawInstance {
         Self::spawn(behaviour, true)
     }
 
+    /// Passes its probes and answers every other request with `answer`.
+    pub fn scripted(answer: impl Fn(&str, &mut TcpStream) + Send + Sync + 'static) -> Self {
+        Self::spawn(Behaviour::Script(Arc::new(answer)), true)
+    }
+
     fn spawn(behaviour: Behaviour, probes_pass: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let address = listener.local_addr().unwrap();
-        let requests = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (counter, stopped) = (requests.clone(), stop.clone());
-        std::thread::spawn(move || {
+        let (seen, stopped) = (heads.clone(), stop.clone());
+        let acceptor = std::thread::spawn(move || {
+            let mut connections = Vec::new();
             while !stopped.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let (counter, stopped) = (counter.clone(), stopped.clone());
-                        std::thread::spawn(move || serve_raw(stream, behaviour, probes_pass, &counter, &stopped));
+                        let (seen, stopped, behaviour) = (seen.clone(), stopped.clone(), behaviour.clone());
+                        connections.push(std::thread::spawn(move || {
+                            serve_raw(stream, &behaviour, probes_pass, &seen, &stopped)
+                        }));
                     }
                     Err(err) if err.kind() == ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(2));
@@ -703,11 +876,16 @@ impl RawInstance {
                     Err(_) => break,
                 }
             }
+            drop(listener);
+            for connection in connections {
+                let _ = connection.join();
+            }
         });
         Self {
             address,
-            requests,
+            heads,
             stop,
+            acceptor: Some(acceptor),
         }
     }
 
@@ -717,31 +895,48 @@ impl RawInstance {
 
     /// Proxied requests (not probes) whose head reached this instance.
     pub fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
+        self.heads.lock().unwrap().len()
+    }
+
+    /// Their heads, in arrival order.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
     }
 }
 
 impl Drop for RawInstance {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        if let Some(acceptor) = self.acceptor.take() {
+            join_within(acceptor, STOP_LIMIT, "a raw instance");
+        }
     }
 }
 
 fn serve_raw(
     mut stream: TcpStream,
-    behaviour: Behaviour,
+    behaviour: &Behaviour,
     probes_pass: bool,
-    counter: &AtomicUsize,
+    seen: &Mutex<Vec<String>>,
     stopped: &AtomicBool,
 ) {
     stream.set_nonblocking(false).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Short reads, so that a connection whose head never comes still sees
+    // the stop; 5 s for the head at most.
+    stream.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let give_up = Instant::now() + Duration::from_secs(5);
     let mut head = Vec::new();
     let mut buffer = [0u8; 4096];
     while !head.windows(4).any(|window| window == b"\r\n\r\n") {
         match stream.read(&mut buffer) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
             Ok(n) => head.extend_from_slice(&buffer[..n]),
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if stopped.load(Ordering::SeqCst) || Instant::now() >= give_up {
+                    break;
+                }
+            }
+            Err(_) => break,
         }
     }
     let probe = head.starts_with(b"GET /health ");
@@ -749,19 +944,32 @@ fn serve_raw(
         let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         return;
     }
+    let head = String::from_utf8_lossy(&head);
+    let head = head.split("\r\n\r\n").next().unwrap_or_default();
     if !head.is_empty() && !probe {
-        counter.fetch_add(1, Ordering::SeqCst);
+        seen.lock().unwrap().push(head.to_owned());
     }
     match behaviour {
-        Behaviour::CloseAfter(wait) => std::thread::sleep(wait),
-        Behaviour::Hold => {
-            let until = Instant::now() + Duration::from_secs(30);
-            while !stopped.load(Ordering::SeqCst) && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        Behaviour::CloseAfter(wait) => pause(*wait, stopped),
+        Behaviour::Hold => pause(Duration::from_secs(30), stopped),
+        Behaviour::Answer(bytes) => {
+            let _ = stream.write_all(bytes);
         }
+        Behaviour::AnswerThenHold(bytes) => {
+            let _ = stream.write_all(bytes);
+            pause(Duration::from_secs(30), stopped);
+        }
+        Behaviour::Script(answer) => answer(head, &mut stream),
     }
     drop(stream);
+}
+
+/// Sleeps for `wait`, or until `stopped` is set.
+fn pause(wait: Duration, stopped: &AtomicBool) {
+    let until = Instant::now() + wait;
+    while !stopped.load(Ordering::SeqCst) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10).min(until.saturating_duration_since(Instant::now())));
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1084,86 +1292,4 @@ pub fn run_gatehouse(settings: &Path, environment: Option<&str>, vars: &[(&str, 
     let mut command = gatehouse_command(settings, environment);
     command.args(args).envs(vars.iter().copied());
     finish(command, Duration::from_secs(20))
-}
-
-// ---------------------------------------------------------------------------
-// An instance that answers with bytes of the test's choosing
-// ---------------------------------------------------------------------------
-
-/// An instance on a raw loopback listener whose answers are written by the
-/// test, byte for byte: for what no HTTP server library would send (120
-/// header lines, a garbled status line, a body that stalls). Each connection
-/// gets one answer and is then closed; `GET /health` gets a plain 200.
-/// Stops accepting when dropped.
-pub struct ScriptedInstance {
-    pub address: SocketAddr,
-    heads: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-}
-
-type Answer = dyn Fn(&str, &mut TcpStream) + Send + Sync;
-
-impl ScriptedInstance {
-    /// `answer` gets the request head (without the blank line) and the
-    /// connection to write to.
-    pub fn start(answer: impl Fn(&str, &mut TcpStream) + Send + Sync + 'static) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let address = listener.local_addr().unwrap();
-        let heads = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let answer: Arc<Answer> = Arc::new(answer);
-        let (seen, stopped) = (heads.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stopped.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let (seen, answer) = (seen.clone(), answer.clone());
-                        std::thread::spawn(move || answer_scripted(stream, &seen, &*answer));
-                    }
-                    Err(err) if err.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    Err(_) => break,
-                }
-            }
-        });
-        Self { address, heads, stop }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    /// The heads of the requests other than health probes, in arrival order.
-    pub fn heads(&self) -> Vec<String> {
-        self.heads.lock().unwrap().clone()
-    }
-}
-
-impl Drop for ScriptedInstance {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-fn answer_scripted(mut stream: TcpStream, seen: &Mutex<Vec<String>>, answer: &Answer) {
-    stream.set_nonblocking(false).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut head = Vec::new();
-    let mut buffer = [0u8; 4096];
-    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
-        match stream.read(&mut buffer) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buffer[..n]),
-        }
-    }
-    let head = String::from_utf8_lossy(&head);
-    let head = head.split("\r\n\r\n").next().unwrap_or_default();
-    if head.starts_with("GET /health ") {
-        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
-        return;
-    }
-    seen.lock().unwrap().push(head.to_owned());
-    answer(head, &mut stream);
 }

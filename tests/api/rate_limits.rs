@@ -389,10 +389,9 @@ async fn memory_a_route_naming_the_global_policy_counts_each_request_once() {
 // ---------------------------------------------------------------------------
 
 /// One route, `/keyed`, with an ip policy `perip` of 2 per 60 s.
-fn two_per_minute_by_ip(redis: &RedisServer, prefix: &str, upstream: &Upstream, server: &str) -> String {
+fn two_per_minute_by_ip(redis: &RedisServer, prefix: &str, upstream: &Upstream) -> String {
     format!(
         r#"
-{server}
 [rate_limit]
 {limits}
 global = ""
@@ -417,7 +416,7 @@ rate_limit = "perip"
 async fn the_redis_key_is_the_prefix_the_client_address_in_a_hash_tag_and_the_policy() {
     let redis = RedisServer::start();
     let upstream = Upstream::start("app");
-    let gateway = TestGateway::start(&two_per_minute_by_ip(&redis, "rl-test-keys", &upstream, ""));
+    let gateway = TestGateway::start(&two_per_minute_by_ip(&redis, "rl-test-keys", &upstream));
 
     assert_eq!(get(&gateway.url("/keyed")).await.status, 200);
 
@@ -435,7 +434,7 @@ async fn the_redis_key_is_the_prefix_the_client_address_in_a_hash_tag_and_the_po
 async fn a_spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_the_key() {
     let redis = RedisServer::start();
     let upstream = Upstream::start("app");
-    let gateway = TestGateway::start(&two_per_minute_by_ip(&redis, "rl-test-spoof", &upstream, ""));
+    let gateway = TestGateway::start(&two_per_minute_by_ip(&redis, "rl-test-spoof", &upstream));
 
     let statuses = [
         get_with(&gateway.url("/keyed"), &[("x-forwarded-for", "1.2.3.4")])
@@ -459,8 +458,9 @@ async fn a_spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_the_key(
 async fn behind_a_trusted_proxy_the_right_most_untrusted_forwarded_for_entry_is_the_key() {
     let redis = RedisServer::start();
     let upstream = Upstream::start("app");
-    let server = "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ntrusted_proxies = [\"127.0.0.0/8\"]";
-    let gateway = TestGateway::start(&two_per_minute_by_ip(&redis, "rl-test-proxy", &upstream, server));
+    let gateway = TestGateway::builder()
+        .server("trusted_proxies = [\"127.0.0.0/8\"]")
+        .start(&two_per_minute_by_ip(&redis, "rl-test-proxy", &upstream));
     let from = async |forwarded_for: &str| {
         get_with(&gateway.url("/keyed"), &[("x-forwarded-for", forwarded_for)])
             .await
@@ -491,8 +491,9 @@ async fn behind_a_trusted_proxy_the_right_most_untrusted_forwarded_for_entry_is_
 async fn behind_a_trusted_proxy_an_unparsable_right_most_entry_does_not_hand_the_key_to_the_client() {
     let redis = RedisServer::start();
     let upstream = Upstream::start("app");
-    let server = "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ntrusted_proxies = [\"127.0.0.0/8\"]";
-    let gateway = TestGateway::start(&two_per_minute_by_ip(&redis, "rl-test-proxy-port", &upstream, server));
+    let gateway = TestGateway::builder()
+        .server("trusted_proxies = [\"127.0.0.0/8\"]")
+        .start(&two_per_minute_by_ip(&redis, "rl-test-proxy-port", &upstream));
 
     // The proxy wrote its client as `address:port` (as some load balancers
     // do); everything to its left was written by the client. Whatever the
