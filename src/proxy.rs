@@ -107,6 +107,12 @@ impl Failure {
         matches!(self, Self::Connect(_) | Self::Reset(_) | Self::Timeout)
     }
 
+    /// Failures of the client's own body: logged at debug, since any client
+    /// can cause them at will (SPEC §3).
+    fn is_clients(&self) -> bool {
+        matches!(self, Self::BodyTooLarge | Self::ClientBody)
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Self::Connect(_) => "connect",
@@ -244,7 +250,11 @@ impl Forwarding<'_> {
             Err(error) => {
                 let overflowed = progress.as_ref().is_some_and(|progress| progress.overflowed.get());
                 let failure = Failure::classify(error, overflowed);
-                tracing::warn!(instance = %instance.url, kind = failure.kind(), error = ?failure, "upstream request failed");
+                if failure.is_clients() {
+                    tracing::debug!(instance = %instance.url, kind = failure.kind(), "the client's body failed");
+                } else {
+                    tracing::warn!(instance = %instance.url, kind = failure.kind(), error = ?failure, "upstream request failed");
+                }
                 crate::metrics::upstream_error(&ctx.gateway.services[service_index].name, failure.kind());
                 // While the client's body is still arriving, a timeout or reset
                 // may be the client's doing (a stalled upload) or a legitimate

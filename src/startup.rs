@@ -21,6 +21,7 @@ use crate::auth::Verifier;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::middleware::auth::Authentication;
+use crate::middleware::body_check::BodyCheck;
 use crate::middleware::connection_watch::{watch_connection, ConnectionWatch};
 use crate::middleware::rate_limit::{RateLimit, Stage};
 use crate::middleware::request_id::RequestIds;
@@ -121,6 +122,7 @@ impl Application {
                 .wrap(Authentication::new(verifier.clone()))
                 .wrap(RateLimit::new(Stage::Address, gateway.clone(), limiter))
                 .wrap(RouteMatcher::new(gateway.clone()))
+                .wrap(BodyCheck)
                 .wrap(TracingLogger::<GatewayRootSpan>::new())
                 .wrap(RequestIds)
                 .wrap(SecurityHeaders {

@@ -5,16 +5,26 @@
 //! Every request gets one span carrying its request id, route and instance,
 //! so every line logged while serving it names the request, and one
 //! `request completed` line with status and latency.
+//!
+//! A malformed request is the client's error and is logged at debug, never
+//! error (SPEC §3): actix-http logs the requests its parser rejects at ERROR,
+//! so [`DemoteClientErrors`] logs those lines again at debug instead.
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::{Error, HttpMessage};
 use std::sync::Arc;
 
-use tracing::Span;
+use tracing::callsite::{Callsite, Identifier};
+use tracing::field::{Field, FieldSet, Value, Visit};
+use tracing::metadata::Kind;
+use tracing::subscriber::Interest;
+use tracing::{Event, Level, Metadata, Span, Subscriber};
 use tracing_actix_web::RootSpanBuilder;
 use tracing_appender::non_blocking::WorkerGuard;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::middleware::request_id::RequestId;
 use crate::middleware::route_match::{Routed, Target};
@@ -51,11 +61,99 @@ pub fn init() -> WorkerGuard {
         .with_writer(writer)
         .with_ansi(ansi);
     let _ = if json {
-        builder.json().with_current_span(true).with_span_list(false).try_init()
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .finish()
+            .with(DemoteClientErrors)
+            .try_init()
     } else {
-        builder.try_init()
+        builder.finish().with(DemoteClientErrors).try_init()
     };
     guard
+}
+
+/// Where actix-http's HTTP/1 dispatcher logs, and how its line for a request
+/// it could not parse begins (`stream error: request parse error: …`, at
+/// ERROR, once per rejected connection).
+const DISPATCHER_TARGET: &str = "actix_http::h1::dispatcher";
+const PARSE_ERROR_PREFIX: &str = "stream error: request parse error";
+
+/// Turns actix-http's ERROR line for a request its parser rejected into a
+/// debug line of ours: any client could otherwise fill the error log with
+/// garbage requests. The dispatcher's other errors keep their level.
+///
+/// A subscriber cannot change an event's level, so the line is vetoed and a
+/// debug event recorded in its place, straight into the layers below (as
+/// tracing-log does for `log` records): dispatching it afresh from inside a
+/// dispatch would be dropped by tracing's re-entrancy guard. Other events are
+/// told apart by their static metadata, before any formatting.
+pub struct DemoteClientErrors;
+
+impl<S: Subscriber> Layer<S> for DemoteClientErrors {
+    fn event_enabled(&self, event: &Event<'_>, ctx: Context<'_, S>) -> bool {
+        let metadata = event.metadata();
+        if *metadata.level() != Level::ERROR || metadata.target() != DISPATCHER_TARGET {
+            return true;
+        }
+        let mut message = Message::default();
+        event.record(&mut message);
+        if !message.0.starts_with(PARSE_ERROR_PREFIX) {
+            return true;
+        }
+        if ctx.enabled(&DEMOTED) {
+            let error = tracing::field::display(message.0.trim_start_matches("stream error: "));
+            let fields = DEMOTED.fields();
+            let mut names = fields.iter();
+            let (message_field, error_field) = (names.next().unwrap(), names.next().unwrap());
+            let values: [(&Field, Option<&dyn Value>); 2] = [
+                (
+                    &message_field,
+                    Some(&format_args!("malformed request rejected") as &dyn Value),
+                ),
+                (&error_field, Some(&error as &dyn Value)),
+            ];
+            ctx.event(&Event::new(&DEMOTED, &fields.value_set(&values)));
+        }
+        false
+    }
+}
+
+/// The callsite of the debug line that replaces a demoted one.
+struct DemotedCallsite;
+
+static DEMOTED_CALLSITE: DemotedCallsite = DemotedCallsite;
+
+static DEMOTED: Metadata<'static> = Metadata::new(
+    "malformed request rejected",
+    module_path!(),
+    Level::DEBUG,
+    Some(file!()),
+    Some(line!()),
+    Some(module_path!()),
+    FieldSet::new(&["message", "error"], Identifier(&DEMOTED_CALLSITE)),
+    Kind::EVENT,
+);
+
+impl Callsite for DemotedCallsite {
+    fn set_interest(&self, _: Interest) {}
+
+    fn metadata(&self) -> &Metadata<'_> {
+        &DEMOTED
+    }
+}
+
+/// The `message` field of an event, formatted.
+#[derive(Default)]
+struct Message(String);
+
+impl Visit for Message {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
 }
 
 /// The root span of each request.
@@ -99,5 +197,59 @@ impl RootSpanBuilder for GatewayRootSpan {
             }
             Err(error) => tracing::error!(%error, "request failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Level, target and message of every event that reaches it.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<(Level, String, String)>>>);
+
+    impl<S: Subscriber> Layer<S> for Captured {
+        fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+            let mut message = Message::default();
+            event.record(&mut message);
+            let metadata = event.metadata();
+            self.0
+                .lock()
+                .unwrap()
+                .push((*metadata.level(), metadata.target().to_owned(), message.0));
+        }
+    }
+
+    #[test]
+    fn only_the_dispatchers_parse_errors_are_demoted_to_debug() {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(captured.clone())
+            .with(DemoteClientErrors);
+        tracing::subscriber::with_default(subscriber, || {
+            let error = "request parse error: invalid Header provided";
+            tracing::error!(target: "actix_http::h1::dispatcher", "stream error: {}", error);
+            tracing::error!(target: "actix_http::h1::dispatcher", "stream error: {}", "internal error");
+            tracing::error!(target: "gatehouse::proxy", "stream error: {error}");
+        });
+        let owned = |level, target: &str, message: &str| (level, target.to_owned(), message.to_owned());
+        assert_eq!(
+            *captured.0.lock().unwrap(),
+            [
+                owned(Level::DEBUG, "gatehouse::telemetry", "malformed request rejected"),
+                owned(
+                    Level::ERROR,
+                    "actix_http::h1::dispatcher",
+                    "stream error: internal error"
+                ),
+                owned(
+                    Level::ERROR,
+                    "gatehouse::proxy",
+                    "stream error: request parse error: invalid Header provided"
+                ),
+            ]
+        );
     }
 }

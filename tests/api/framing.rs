@@ -1,6 +1,7 @@
 //! Framing and path checks (SPEC §3 step 2) and the server's own limits
 //! (`max_header_bytes`, `max_body_bytes`, `client_request_timeout_ms`), as a
-//! client on a raw socket sees them and as the upstream sees them.
+//! client on a raw socket sees them and as the upstream sees them; and that
+//! malformed requests reach the log at debug only.
 //!
 //! Raw sockets, not awc: a client library would fix or refuse the very
 //! requests these tests are about.
@@ -661,6 +662,147 @@ fn a_request_head_beyond_the_parsers_own_cap_gets_431() {
     );
     assert!(reply.closed_promptly(), "{:?}", reply.elapsed);
     assert_eq!(upstream.hits(), 0);
+}
+
+// --- malformed chunked bodies, and what the log says ----------------------
+
+/// A chunked upload's head, without its body.
+const CHUNKED_HEAD: &[u8] = b"POST /api/upload HTTP/1.1\r\nHost: gatehouse.test\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+/// Chunked bodies the decoder refuses.
+fn malformed_chunked_bodies() -> [(&'static str, Vec<u8>); 3] {
+    let mut after_a_good_chunk = b"400\r\n".to_vec();
+    after_a_good_chunk.extend_from_slice(&pattern(1024));
+    after_a_good_chunk.extend_from_slice(b"\r\nzz\r\nhello\r\n0\r\n\r\n");
+    [
+        ("a chunk size that is not hex", b"zz\r\nhello\r\n0\r\n\r\n".to_vec()),
+        ("chunk data longer than its size", b"5\r\nhelloXX\r\n0\r\n\r\n".to_vec()),
+        ("a bad chunk size after a good 1 KiB chunk", after_a_good_chunk),
+    ]
+}
+
+/// Writes `head`, waits `pause` (if any), writes `body`, and reads until the
+/// gateway closes the connection (or [`READ_LIMIT`] passes).
+fn exchange_in_two_writes(gateway: &TestGateway, head: &[u8], body: &[u8], pause: Option<Duration>) -> RawReply {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut stream = std::net::TcpStream::connect(gateway.address).unwrap();
+    stream.set_read_timeout(Some(READ_LIMIT)).unwrap();
+    match pause {
+        None => stream.write_all(&[head, body].concat()).unwrap(),
+        Some(pause) => {
+            stream.write_all(head).unwrap();
+            std::thread::sleep(pause);
+            // The gateway may have given up already; the reply tells.
+            let _ = stream.write_all(body);
+        }
+    }
+    let mut received = Vec::new();
+    let _ = stream.read_to_end(&mut received);
+    parse_reply(String::from_utf8_lossy(&received).into_owned(), started.elapsed())
+}
+
+#[test]
+fn a_malformed_chunked_body_gets_400_whether_it_comes_with_the_head_or_after_it() {
+    // actix-http closes the connection on a chunk it cannot decode, after one
+    // last look at the request; the gateway must have its 400 ready by then
+    // whether the request was still waiting on something else (body in the
+    // same read as the head) or already streaming the body upstream.
+    let upstream = Upstream::start("api");
+    let gateway = start_gateway(&upstream, "/api", "");
+    let mut problems = Vec::new();
+    for (what, body) in malformed_chunked_bodies() {
+        for pause in [None, Some(Duration::from_millis(300))] {
+            let reply = exchange_in_two_writes(&gateway, CHUNKED_HEAD, &body, pause);
+            let case = match pause {
+                None => format!("{what}, in the same write as the head"),
+                Some(pause) => format!("{what}, {pause:?} after the head"),
+            };
+            if reply.status_line() != "HTTP/1.1 400 Bad Request" || reply.body != BAD_REQUEST {
+                problems.push(format!("{case}: {:?}", reply.raw));
+            } else if reply.header("content-type") != Some("application/json") {
+                problems.push(format!("{case}: Content-Type {:?}", reply.header("content-type")));
+            } else if !reply.closed_promptly() {
+                problems.push(format!("{case}: closed after {:?}", reply.elapsed));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
+
+/// Requests the gateway refuses with 400, and the debug line each one gets.
+fn malformed_requests() -> Vec<(String, Vec<u8>, &'static str)> {
+    const PARSER: &str = "malformed request rejected";
+    const BODY: &str = "the client's chunked body failed";
+    let mut requests: Vec<(String, Vec<u8>, &'static str)> = [
+        (
+            "two Content-Lengths",
+            framed("Content-Length: 1\r\nContent-Length: 2\r\n", "ab"),
+        ),
+        (
+            "Content-Length and Transfer-Encoding",
+            framed("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", "0\r\n\r\n"),
+        ),
+        ("an obs-folded header", framed("X-Folded: a\r\n b\r\n", "")),
+        ("two Host lines", framed("Host: gatehouse.test\r\n", "")),
+        (
+            "a space in the target",
+            "GET /api/a b HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n".to_owned(),
+        ),
+        (
+            "an unknown HTTP version",
+            "GET /api/x HTTP/9.9\r\nHost: gatehouse.test\r\n\r\n".to_owned(),
+        ),
+    ]
+    .into_iter()
+    .map(|(what, request)| (what.to_owned(), request.into_bytes(), PARSER))
+    .collect();
+    requests.push((
+        "a TLS hello on the plain port".to_owned(),
+        [&b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..], &[0; 40]].concat(),
+        PARSER,
+    ));
+    for (what, body) in malformed_chunked_bodies() {
+        requests.push((what.to_owned(), [CHUNKED_HEAD, &body].concat(), BODY));
+    }
+    requests
+}
+
+#[test]
+fn malformed_requests_are_logged_at_debug_never_as_warnings_or_errors() {
+    // SPEC §3: a client must not be able to fill the error log.
+    let upstream = Upstream::start("api");
+    let config = format!(
+        "[services.api]\ninstances = {}\n[routes.api]\nprefix = \"/api\"\nservice = \"api\"\n",
+        instances(&[&upstream])
+    );
+    let requests = malformed_requests();
+    for level in ["info", "debug"] {
+        let mut gateway = GatewayProcess::builder().env("GATEHOUSE_LOG", level).start(&config);
+        let mut expected_lines: Vec<&str> = Vec::new();
+        for (what, request, debug_line) in requests.iter().cycle().take(50) {
+            let raw = raw_exchange(gateway.address, request, READ_LIMIT);
+            assert!(raw.starts_with("HTTP/1.1 400 "), "{what}: {raw:?}");
+            expected_lines.push(debug_line);
+        }
+        let log = gateway.stop_and_read_log();
+        let loud: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains(" ERROR ") || line.contains(" WARN "))
+            .collect();
+        assert!(loud.is_empty(), "GATEHOUSE_LOG={level}: {loud:#?}");
+        for debug_line in ["malformed request rejected", "the client's chunked body failed"] {
+            let logged = log
+                .lines()
+                .filter(|line| line.contains(" DEBUG ") && line.contains(debug_line))
+                .count();
+            let expected = match level {
+                "debug" => expected_lines.iter().filter(|line| **line == debug_line).count(),
+                _ => 0,
+            };
+            assert_eq!(logged, expected, "GATEHOUSE_LOG={level}: {debug_line:?} lines");
+        }
+    }
 }
 
 // --- server.max_body_bytes ----------------------------------------------

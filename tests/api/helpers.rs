@@ -562,11 +562,13 @@ pub fn rss_kib_of(pid: u32) -> Option<u64> {
 }
 
 /// The real `gatehouse` binary, with its own settings directory, killed
-/// when dropped.
+/// when dropped. Its stderr goes to a file of its own (a pipe nobody reads
+/// would fill up and stall the gateway's logging).
 pub struct GatewayProcess {
     pub child: Child,
     pub address: SocketAddr,
     _settings_dir: tempfile::TempDir,
+    stderr: tempfile::NamedTempFile,
 }
 
 impl GatewayProcess {
@@ -608,6 +610,19 @@ impl GatewayProcess {
         assert!(status.success());
     }
 
+    /// SIGTERM, then SIGKILL if it has not exited within 10 s; everything it
+    /// logged.
+    pub fn stop_and_read_log(&mut self) -> String {
+        if self.child.try_wait().unwrap().is_none() {
+            self.signal("TERM");
+            if self.wait_exit(Duration::from_secs(10)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        std::fs::read_to_string(self.stderr.path()).unwrap_or_default()
+    }
+
     /// Waits for the process to exit and returns its exit code.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let deadline = Instant::now() + limit;
@@ -642,6 +657,7 @@ impl GatewayBuilder<GatewayProcess> {
     pub fn start(self, toml: &str) -> GatewayProcess {
         let address: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let dir = settings_dir(&self.config(address, toml));
+        let stderr = tempfile::NamedTempFile::new().unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
         command
             .env("GATEHOUSE_SETTINGS_DIR", dir.path())
@@ -649,12 +665,13 @@ impl GatewayBuilder<GatewayProcess> {
             .env("GATEHOUSE_LOG", "warn")
             .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(stderr.reopen().unwrap());
         let child = command.spawn().expect("the gatehouse binary starts");
         let process = GatewayProcess {
             child,
             address,
             _settings_dir: dir,
+            stderr,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(address).is_err() {
