@@ -48,14 +48,14 @@ pub enum TokenError {
 pub enum KeyError {
     #[error("auth.public_key_pem: cannot read {path:?}: {source}")]
     Unreadable { path: String, source: std::io::Error },
-    #[error("auth.public_key_pem: {path:?} is not a {family} public key in PEM form: {source}")]
-    BadPem {
+    /// The file was read but holds no public key the algorithms can use:
+    /// `found` says what it holds, `expected` what they need.
+    #[error("auth.public_key_pem: {path}: {found}: expected {expected}")]
+    Unusable {
         path: String,
-        family: &'static str,
-        source: jsonwebtoken::errors::Error,
+        found: &'static str,
+        expected: String,
     },
-    #[error("auth.public_key_pem: {path:?} holds no PEM public key (expected BEGIN PUBLIC KEY)")]
-    NotPublic { path: String },
     #[error("auth.public_key_pem: one key cannot serve {0}")]
     MixedFamilies(String),
     #[error("auth.jwt_secret: required for {0:?}")]
@@ -107,7 +107,7 @@ impl Verifier {
         }
         let public_key = match public_families.first() {
             None => None,
-            Some(family) => Some(read_public_key(&settings.public_key_pem, family)?),
+            Some(family) => Some(read_public_key(&settings.public_key_pem, family, &settings.algorithms)?),
         };
 
         let mut accepted = HashMap::new();
@@ -245,26 +245,65 @@ impl TokenCache {
     }
 }
 
-fn read_public_key(path: &str, family: &'static str) -> Result<DecodingKey, KeyError> {
+fn read_public_key(path: &str, family: &'static str, algorithms: &[Algorithm]) -> Result<DecodingKey, KeyError> {
     let pem = std::fs::read(path).map_err(|source| KeyError::Unreadable {
         path: path.to_owned(),
         source,
     })?;
+    let unusable = |found| KeyError::Unusable {
+        path: path.to_owned(),
+        found,
+        expected: expected_key(family, algorithms),
+    };
     // jsonwebtoken would also accept a private key here; the gateway only
     // ever needs, and should only ever hold, the public half.
-    if !String::from_utf8_lossy(&pem).contains("PUBLIC KEY-----") {
-        return Err(KeyError::NotPublic { path: path.to_owned() });
+    let text = String::from_utf8_lossy(&pem);
+    if !text.contains("PUBLIC KEY-----") {
+        return Err(unusable(if text.contains("PRIVATE KEY-----") {
+            "holds a private key, not a public key"
+        } else if text.contains("-----BEGIN CERTIFICATE-----") {
+            "holds a certificate, not a public key (`openssl x509 -pubkey -noout` extracts it)"
+        } else {
+            "not a PEM public key"
+        }));
     }
-    let parsed = match family {
-        "RSA" => DecodingKey::from_rsa_pem(&pem),
-        "EC" => DecodingKey::from_ec_pem(&pem),
-        _ => DecodingKey::from_ed_pem(&pem),
+    if let Ok(key) = parse_public_pem(family, &pem) {
+        return Ok(key);
+    }
+    // Say what the file holds instead, when it is a key of another family.
+    let other = ["RSA", "EC", "Ed25519"]
+        .into_iter()
+        .find(|other| *other != family && parse_public_pem(other, &pem).is_ok());
+    let found = match other {
+        Some("RSA") => "holds an RSA public key",
+        Some("EC") => "holds an EC public key",
+        Some(_) => "holds an Ed25519 public key",
+        None => "not a readable PEM public key",
     };
-    parsed.map_err(|source| KeyError::BadPem {
-        path: path.to_owned(),
-        family,
-        source,
-    })
+    Err(unusable(found))
+}
+
+fn parse_public_pem(family: &str, pem: &[u8]) -> jsonwebtoken::errors::Result<DecodingKey> {
+    match family {
+        "RSA" => DecodingKey::from_rsa_pem(pem),
+        "EC" => DecodingKey::from_ec_pem(pem),
+        _ => DecodingKey::from_ed_pem(pem),
+    }
+}
+
+/// What a public-key file must hold for `algorithms` (of one `family`), as the
+/// PEM header an operator can look for.
+fn expected_key(family: &str, algorithms: &[Algorithm]) -> String {
+    let public: Vec<Algorithm> = algorithms.iter().copied().filter(|alg| !is_hmac(*alg)).collect();
+    let kind = match (family, public.as_slice()) {
+        ("RSA", _) => "an RSA public key (BEGIN PUBLIC KEY or BEGIN RSA PUBLIC KEY)",
+        ("EC", [Algorithm::ES256]) => "an EC P-256 public key (BEGIN PUBLIC KEY)",
+        ("EC", [Algorithm::ES384]) => "an EC P-384 public key (BEGIN PUBLIC KEY)",
+        ("EC", _) => "an EC public key (BEGIN PUBLIC KEY)",
+        _ => "an Ed25519 public key (BEGIN PUBLIC KEY)",
+    };
+    let names: Vec<String> = public.iter().map(|alg| format!("{alg:?}")).collect();
+    format!("{kind} for {}", names.join("/"))
 }
 
 fn validation_for(algorithm: Algorithm, settings: &AuthSettings) -> Validation {

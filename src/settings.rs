@@ -3,8 +3,13 @@
 //! Layers, later wins: `settings/default.toml`, `settings/{GATEHOUSE_ENV}.toml`,
 //! `settings/local.toml`, the `--config` file, the seed's own variables
 //! (`JWT_SECRET`, `REDIS_URL`, `USER_SERVICE_URL`, …) and `GATEHOUSE__SECTION__KEY`
-//! variables. Unknown keys are errors, and validation reports every problem at
-//! once, each line naming its key, so a typo can never silently disable a limit.
+//! variables. Unknown keys are errors, and loading reports every problem at
+//! once, each line naming its key, so a typo can never silently disable a limit:
+//! a value that cannot be read (wrong type, missing required key) is reported,
+//! taken out of the merged tree and the rest read again, so one bad entry hides
+//! neither the others nor the validation of what does not depend on it. Every
+//! value keeps its origin (a file, or the environment variable that set it), and
+//! a problem with a value from the environment names its variable.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -121,7 +126,7 @@ impl Default for HealthSettings {
 pub struct AuthSettings {
     pub jwt_secret: Secret,
     pub public_key_pem: String,
-    #[serde(deserialize_with = "list_or_csv")]
+    #[serde(deserialize_with = "algorithm_list")]
     pub algorithms: Vec<Algorithm>,
     pub issuer: String,
     pub audience: String,
@@ -326,31 +331,77 @@ impl Serialize for RedisUrl {
 }
 
 /// Accepts a TOML array or a comma-separated string, so that list keys can be
-/// overridden from one environment variable.
+/// overridden from one environment variable. Items are read as strings and
+/// parsed with `FromStr`, so a bad item is named in either form.
 fn list_or_csv<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
-    T: std::str::FromStr + Deserialize<'de>,
+    T: std::str::FromStr,
     T::Err: fmt::Display,
 {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum ListOrCsv<T> {
-        List(Vec<T>),
-        Csv(String),
+    struct Items;
+
+    impl<'de> serde::de::Visitor<'de> for Items {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list or a comma-separated string")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            Ok(text
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
     }
-    match ListOrCsv::<T>::deserialize(deserializer)? {
-        ListOrCsv::List(items) => Ok(items),
-        ListOrCsv::Csv(text) => text
-            .split(',')
-            .map(str::trim)
-            .filter(|item| !item.is_empty())
-            .map(|item| {
-                item.parse()
-                    .map_err(|err| serde::de::Error::custom(format!("{item:?}: {err}")))
-            })
-            .collect(),
-    }
+
+    deserializer
+        .deserialize_any(Items)?
+        .into_iter()
+        .map(|item| {
+            item.parse()
+                .map_err(|err| serde::de::Error::custom(format!("{item:?}: {err}")))
+        })
+        .collect()
+}
+
+/// The names `auth.algorithms` accepts, spelt as in a token's `alg` header.
+pub const ALGORITHM_NAMES: [&str; 12] = [
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+/// `auth.algorithms`: [`list_or_csv`] of names; an unknown one is refused with
+/// the list of valid names (jsonwebtoken would only say `InvalidAlgorithmName`).
+fn algorithm_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Algorithm>, D::Error> {
+    list_or_csv::<D, String>(deserializer)?
+        .iter()
+        .map(|name| parse_algorithm(name).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
+    name.parse().map_err(|_| {
+        let hint = ALGORITHM_NAMES
+            .iter()
+            .find(|known| known.eq_ignore_ascii_case(name))
+            .map(|known| format!(" (names are case-sensitive: {known:?})"))
+            .unwrap_or_default();
+        format!(
+            "unknown algorithm {name:?}{hint}; expected one of {}",
+            ALGORITHM_NAMES.join(", ")
+        )
+    })
 }
 
 /// Where the layers come from; `from_process` reads the real environment,
@@ -397,10 +448,18 @@ pub enum ConfigError {
 impl Settings {
     /// Reads every layer, then validates the result.
     pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
-        let (settings, unknown_keys) = Self::read_layers(sources)?;
-        let mut problems: Vec<String> = unknown_keys.iter().map(|key| format!("{key}: unknown key")).collect();
+        let mut parsed = Parsed::from_tree(Self::read_layers(sources)?);
+        let mut problems = std::mem::take(&mut parsed.problems);
+        let Some(settings) = parsed.settings.take() else {
+            return Err(ConfigError::Invalid(problems));
+        };
         if let Err(invalid) = settings.validate() {
-            problems.extend(invalid);
+            problems.extend(
+                invalid
+                    .into_iter()
+                    .filter(|line| !parsed.follows_from_dropped(&settings, line))
+                    .map(|line| parsed.with_variable(line)),
+            );
         }
         if problems.is_empty() {
             Ok(settings)
@@ -409,10 +468,9 @@ impl Settings {
         }
     }
 
-    /// The merged layers, and the keys no setting knows (a typo must not
-    /// silently disable a limit, so they are errors, reported with the rest).
-    fn read_layers(sources: &Sources) -> Result<(Self, Vec<String>), ConfigError> {
-        use config::{Config, Environment, File};
+    /// The merged layers as one tree of values, each leaf knowing its origin.
+    fn read_layers(sources: &Sources) -> Result<config::Value, ConfigError> {
+        use config::{Config, File};
 
         let dir = &sources.settings_dir;
         let default_file = dir.join("default.toml");
@@ -432,32 +490,12 @@ impl Settings {
             }
             builder = builder.add_source(File::from(file.as_path()));
         }
-        let structured: config::Map<String, String> = sources
-            .vars
-            .iter()
-            .filter(|(name, _)| name.starts_with(&format!("{ENV_PREFIX}__")))
-            .map(|(name, value)| (name.clone(), value.clone()))
-            .collect();
         let config = builder
-            .add_source(SeedVariables::from_vars(&sources.vars))
-            .add_source(
-                Environment::with_prefix(ENV_PREFIX)
-                    .prefix_separator("__")
-                    .separator("__")
-                    .source(Some(structured)),
-            )
+            .add_source(Variables::seed(&sources.vars))
+            .add_source(Variables::structured(&sources.vars))
             .build()
             .map_err(|err| ConfigError::Load(err.to_string()))?;
-        let mut unknown_keys = Vec::new();
-        let mut note_unknown = |path: serde_ignored::Path| unknown_keys.push(path.to_string());
-        let tracked = serde_ignored::Deserializer::new(config, &mut note_unknown);
-        let settings = serde_path_to_error::deserialize(tracked).map_err(|err| {
-            let path = err.path().to_string();
-            let inner = err.into_inner().to_string();
-            ConfigError::Invalid(vec![format!("{path}: {inner}")])
-        })?;
-        unknown_keys.sort();
-        Ok((settings, unknown_keys))
+        Ok(config.cache)
     }
 
     /// Every problem at once, each line `key: reason`.
@@ -707,33 +745,51 @@ fn check_instance_url(raw: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The seed tutorial's variables, below `GATEHOUSE__…` in precedence.
+/// Environment variables as a layer. Each value's origin names its variable,
+/// so that a problem with it can say where it came from.
 #[derive(Debug, Clone)]
-struct SeedVariables(config::Map<String, config::Value>);
+struct Variables(config::Map<String, config::Value>);
 
-impl SeedVariables {
-    fn from_vars(vars: &HashMap<String, String>) -> Self {
-        let origin = Some("environment".to_owned());
+/// How a value set by an environment variable names its origin.
+const VARIABLE_ORIGIN: &str = "the environment variable ";
+
+impl Variables {
+    /// The seed tutorial's variables, below `GATEHOUSE__…` in precedence.
+    fn seed(vars: &HashMap<String, String>) -> Self {
         let mut map = config::Map::new();
-        let mut set = |key: String, value: &str| {
-            map.insert(key, config::Value::new(origin.as_ref(), value.to_owned()));
-        };
-        if let Some(secret) = vars.get("JWT_SECRET") {
-            set("auth.jwt_secret".to_owned(), secret);
-        }
-        if let Some(url) = vars.get("REDIS_URL") {
-            set("rate_limit.redis_url".to_owned(), url);
-        }
-        for (var, service) in SEED_SERVICE_VARS {
-            if let Some(urls) = vars.get(var) {
-                set(format!("services.{service}.instances"), urls);
+        let mut set = |var: &str, key: String| {
+            if let Some(value) = vars.get(var) {
+                map.insert(key, variable_value(var, value));
             }
+        };
+        set("JWT_SECRET", "auth.jwt_secret".to_owned());
+        set("REDIS_URL", "rate_limit.redis_url".to_owned());
+        for (var, service) in SEED_SERVICE_VARS {
+            set(var, format!("services.{service}.instances"));
         }
+        Self(map)
+    }
+
+    /// `GATEHOUSE__SECTION__KEY` sets `section.key` (lower-cased, as the
+    /// settings files spell their keys).
+    fn structured(vars: &HashMap<String, String>) -> Self {
+        let prefix = format!("{ENV_PREFIX}__");
+        let map = vars
+            .iter()
+            .filter_map(|(var, value)| {
+                let key = var.strip_prefix(&prefix)?.to_lowercase().replace("__", ".");
+                Some((key, variable_value(var, value)))
+            })
+            .collect();
         Self(map)
     }
 }
 
-impl config::Source for SeedVariables {
+fn variable_value(var: &str, value: &str) -> config::Value {
+    config::Value::new(Some(&format!("{VARIABLE_ORIGIN}{var}")), value.to_owned())
+}
+
+impl config::Source for Variables {
     fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
         Box::new(self.clone())
     }
@@ -764,11 +820,237 @@ fn insert_dotted(table: &mut config::Map<String, config::Value>, key: &str, valu
     }
 }
 
+/// The merged tree read into [`Settings`] as far as it goes, and every problem
+/// met on the way.
+///
+/// serde stops at the first error, so each pass that fails reports that error
+/// with its key, takes the bad value out of the tree and reads the rest again:
+/// a typo in one section hides no problem in another. Each pass removes a value,
+/// so the loop ends. A required key that is missing takes its whole entry out
+/// (a route without `prefix` is no route), and the keys nobody knows are
+/// gathered over every pass.
+struct Parsed {
+    /// `None` when some error could not be isolated to one value.
+    settings: Option<Settings>,
+    /// Unknown keys and unreadable values, sorted by key.
+    problems: Vec<String>,
+    /// The keys taken out of the tree.
+    dropped: Vec<String>,
+    /// The tree without them, to find where a value came from.
+    tree: config::Value,
+}
+
+/// One step down the tree: a table key or a list index.
+#[derive(Debug, Clone)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+impl Parsed {
+    fn from_tree(mut tree: config::Value) -> Self {
+        let mut unknown: BTreeMap<String, Vec<Step>> = BTreeMap::new();
+        let mut problems = Vec::new();
+        let mut dropped: Vec<String> = Vec::new();
+        let settings = loop {
+            let mut note_unknown = |path: serde_ignored::Path| {
+                unknown.insert(path.to_string(), ignored_steps(&path));
+            };
+            let tracked = serde_ignored::Deserializer::new(tree.clone(), &mut note_unknown);
+            let error = match serde_path_to_error::deserialize::<_, Settings>(tracked) {
+                Ok(settings) => break Some(settings),
+                Err(error) => error,
+            };
+            let key = error.path().to_string();
+            let steps: Option<Vec<Step>> = error
+                .path()
+                .iter()
+                .map(|segment| match segment {
+                    serde_path_to_error::Segment::Map { key } => Some(Step::Key(key.clone())),
+                    serde_path_to_error::Segment::Seq { index } => Some(Step::Index(*index)),
+                    _ => None,
+                })
+                .collect();
+            match error.into_inner() {
+                config::ConfigError::NotFound(field) => {
+                    // config prefixes the whole path; serde's path already has it.
+                    let field = field.rsplit('.').next().unwrap_or_default();
+                    let missing = format!("{key}.{field}");
+                    // Missing because an earlier pass dropped it: already reported.
+                    if !dropped.contains(&missing) {
+                        problems.push(format!("{missing}: required key is missing"));
+                    }
+                }
+                other => {
+                    // Any origin helps here: a wrong type may come from any layer.
+                    let origin = steps.as_deref().and_then(|steps| leaf_origin(&tree, steps));
+                    let from = origin.map(|origin| format!(" (from {origin})")).unwrap_or_default();
+                    problems.push(format!("{key}: {}{from}", read_error_reason(&other)));
+                }
+            }
+            match steps {
+                Some(steps) if remove_at(&mut tree, &steps).is_some() => dropped.push(key),
+                _ => break None,
+            }
+        };
+        for (key, steps) in unknown {
+            problems.push(with_variable(&tree, &steps, format!("{key}: unknown key")));
+        }
+        problems.sort();
+        Self {
+            settings,
+            problems,
+            dropped,
+            tree,
+        }
+    }
+
+    /// True when the validation problem `line` may only echo a dropped value:
+    /// it names a key in a dropped entry (which got its default), or it is a
+    /// reference to a dropped service or policy ("no service named …").
+    fn follows_from_dropped(&self, settings: &Settings, line: &str) -> bool {
+        let key = line.split(": ").next().unwrap_or(line);
+        let touched = [Some(key.to_owned()), referenced_entry(settings, key)];
+        self.dropped.iter().map(|dropped| entry_of(dropped)).any(|entry| {
+            touched
+                .iter()
+                .flatten()
+                .any(|key| contains_key(key, &entry) || contains_key(&entry, key))
+        })
+    }
+
+    /// `line`, naming the environment variable that set its key, if one did.
+    fn with_variable(&self, line: String) -> String {
+        let key = line.split(": ").next().unwrap_or(&line);
+        let steps: Vec<Step> = key.split('.').map(|part| Step::Key(part.to_owned())).collect();
+        with_variable(&self.tree, &steps, line)
+    }
+}
+
+/// Appends ` (from the environment variable NAME)` when the value at `steps`
+/// came from one: that is the value an operator would not find by reading
+/// the files. (Lines about file values keep the spec's `key: reason` shape.)
+fn with_variable(tree: &config::Value, steps: &[Step], line: String) -> String {
+    match leaf_origin(tree, steps) {
+        Some(origin) if origin.starts_with(VARIABLE_ORIGIN) => format!("{line} (from {origin})"),
+        _ => line,
+    }
+}
+
+/// The readable part of a deserialising error: config repeats the key and the
+/// origin, which the caller words itself.
+fn read_error_reason(error: &config::ConfigError) -> String {
+    match error {
+        config::ConfigError::Type {
+            unexpected, expected, ..
+        } => format!("invalid type: {unexpected}, expected {expected}"),
+        config::ConfigError::At { error, .. } => read_error_reason(error),
+        other => other.to_string(),
+    }
+}
+
+/// The entry a key belongs to, for [`Parsed::follows_from_dropped`]. Every
+/// `auth` check depends on the algorithms (which keys are needed, and how
+/// they are read), so those stand for the whole section.
+fn entry_of(key: &str) -> String {
+    if contains_key("auth.algorithms", key) {
+        return "auth".to_owned();
+    }
+    for map in ["services.", "routes.", "rate_limit.policies."] {
+        if let Some(rest) = key.strip_prefix(map) {
+            let name = rest.split(['.', '[']).next().unwrap_or(rest);
+            return format!("{map}{name}");
+        }
+    }
+    key.to_owned()
+}
+
+/// The service or policy entry a validation problem's key refers to.
+fn referenced_entry(settings: &Settings, key: &str) -> Option<String> {
+    if key == "rate_limit.global" {
+        return Some(format!("rate_limit.policies.{}", settings.rate_limit.global));
+    }
+    let route = key.strip_prefix("routes.")?;
+    if let Some(name) = route.strip_suffix(".service") {
+        return Some(format!("services.{}", settings.routes.get(name)?.service));
+    }
+    let name = route.strip_suffix(".rate_limit")?;
+    let policy = settings.routes.get(name)?.rate_limit.as_ref()?;
+    Some(format!("rate_limit.policies.{policy}"))
+}
+
+/// `outer` is `inner` or one of its ancestors.
+fn contains_key(outer: &str, inner: &str) -> bool {
+    inner
+        .strip_prefix(outer)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
+}
+
+fn ignored_steps(path: &serde_ignored::Path) -> Vec<Step> {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => Vec::new(),
+        Path::Seq { parent, index } => {
+            let mut steps = ignored_steps(parent);
+            steps.push(Step::Index(*index));
+            steps
+        }
+        Path::Map { parent, key } => {
+            let mut steps = ignored_steps(parent);
+            steps.push(Step::Key(key.clone()));
+            steps
+        }
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+            ignored_steps(parent)
+        }
+    }
+}
+
+fn value_at<'a>(tree: &'a config::Value, steps: &[Step]) -> Option<&'a config::Value> {
+    steps.iter().try_fold(tree, |node, step| match (&node.kind, step) {
+        (config::ValueKind::Table(table), Step::Key(key)) => table.get(key),
+        (config::ValueKind::Array(items), Step::Index(index)) => items.get(*index),
+        _ => None,
+    })
+}
+
+/// Where the value at `steps` was set, unless it is a table (a table's origin
+/// is only the first layer that opened it).
+fn leaf_origin<'a>(tree: &'a config::Value, steps: &[Step]) -> Option<&'a str> {
+    value_at(tree, steps)
+        .filter(|value| !matches!(value.kind, config::ValueKind::Table(_)))
+        .and_then(config::Value::origin)
+}
+
+fn remove_at(tree: &mut config::Value, steps: &[Step]) -> Option<()> {
+    let (last, parents) = steps.split_last()?;
+    let mut node = tree;
+    for step in parents {
+        node = match (&mut node.kind, step) {
+            (config::ValueKind::Table(table), Step::Key(key)) => table.get_mut(key)?,
+            (config::ValueKind::Array(items), Step::Index(index)) => items.get_mut(*index)?,
+            _ => return None,
+        };
+    }
+    match (&mut node.kind, last) {
+        (config::ValueKind::Table(table), Step::Key(key)) => table.remove(key).map(drop),
+        (config::ValueKind::Array(items), Step::Index(index)) if *index < items.len() => {
+            items.remove(*index);
+            Some(())
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn settings_with(extra: &str) -> Result<Settings, ConfigError> {
+        settings_with_vars(extra, &[])
+    }
+
+    fn settings_with_vars(extra: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("default.toml"),
@@ -788,12 +1070,19 @@ service = "user"
             settings_dir: dir.path().to_owned(),
             environment: "test".to_owned(),
             config_file: None,
-            vars: HashMap::new(),
+            vars: vars
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
         })
     }
 
     fn problems(extra: &str) -> Vec<String> {
-        match settings_with(extra) {
+        problems_with_vars(extra, &[])
+    }
+
+    fn problems_with_vars(extra: &str, vars: &[(&str, &str)]) -> Vec<String> {
+        match settings_with_vars(extra, vars) {
             Err(ConfigError::Invalid(problems)) => problems,
             other => panic!("expected validation problems, got {other:?}"),
         }
@@ -944,5 +1233,181 @@ service = "user"
             "{printed}"
         );
         assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn an_unknown_section_and_a_policy_without_max_are_both_reported() {
+        let found = problems("[routs.x]\nprefix = \"/x\"\n[rate_limit.policies.p]\nwindow_s = 60");
+        assert_eq!(
+            found,
+            vec![
+                "rate_limit.policies.p.max: required key is missing",
+                "routs: unknown key"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_types_in_two_sections_are_both_reported_with_their_files() {
+        let found = problems("[server]\nworkers = \"many\"\n[health]\ntimeout_ms = \"soon\"");
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].starts_with("health.timeout_ms: invalid type: string \"soon\", expected an integer (from "),
+            "{found:?}"
+        );
+        assert!(found[0].ends_with("default.toml)"), "{found:?}");
+        assert!(
+            found[1].starts_with("server.workers: invalid type: string \"many\", expected an integer (from "),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_reported_with_unknown_keys_and_independent_validation() {
+        let found = problems(
+            "[server]\nlistn = 1\nlisten = \"nowhere\"\n[health]\ninterval_ms = 0\n[routes.extra]\nprefix = \"/extra\"\nservice = \"user\"\nstrip_prefix = \"yes please\"",
+        );
+        assert_eq!(found.len(), 4, "{found:?}");
+        for expected in [
+            "routes.extra.strip_prefix: invalid type: string \"yes please\", expected a boolean",
+            "server.listen: invalid socket address syntax",
+            "server.listn: unknown key",
+            "health.interval_ms: must be greater than 0",
+        ] {
+            assert!(
+                found.iter().any(|line| line.starts_with(expected)),
+                "{expected}: {found:?}"
+            );
+        }
+        assert_eq!(
+            found[3], "health.interval_ms: must be greater than 0",
+            "validation comes last"
+        );
+    }
+
+    #[test]
+    fn a_dropped_entry_causes_no_echo_problems() {
+        // Route x's required `prefix` is unreadable: one problem, not also
+        // "missing". Service `other` and policy `p` cannot be read: route y
+        // naming the service and `global` naming the policy are not reported
+        // as dangling references.
+        let found = problems(
+            "[routes.x]\nprefix = [1]\nservice = \"other\"\n[routes.y]\nprefix = \"/y\"\nservice = \"other\"\n[services.other]\ninstances = 5\n[rate_limit]\nglobal = \"p\"\n[rate_limit.policies.p]\nmax = 1",
+        );
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(
+            found[0].starts_with("rate_limit.policies.p.window_s: required key is missing"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("routes.x.prefix: invalid type: sequence, expected a string"),
+            "{found:?}"
+        );
+        assert!(
+            found[2].starts_with("services.other.instances: invalid type: integer `5`, expected a list"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn problems_with_values_from_the_environment_name_the_variable() {
+        let found = problems_with_vars(
+            "",
+            &[
+                ("GATEHOUSE__SERVER__WORKERS", "abc"),
+                ("GATEHOUSE__SERVER__LISTN", "x"),
+                ("GATEHOUSE__HEALTH__INTERVAL_MS", "0"),
+                ("JWT_SECRET", "short"),
+            ],
+        );
+        assert_eq!(
+            found,
+            vec![
+                "server.listn: unknown key (from the environment variable GATEHOUSE__SERVER__LISTN)",
+                "server.workers: invalid type: string \"abc\", expected an integer (from the environment variable GATEHOUSE__SERVER__WORKERS)",
+                "health.interval_ms: must be greater than 0 (from the environment variable GATEHOUSE__HEALTH__INTERVAL_MS)",
+                "auth.jwt_secret: must be at least 32 bytes (from the environment variable JWT_SECRET)",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unknown_algorithm_is_refused_with_the_valid_names() {
+        let expected = "auth.algorithms: unknown algorithm \"HS999\"; expected one of HS256, HS384, HS512, \
+                        RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA";
+        let found = problems("[auth]\nalgorithms = [\"HS256\", \"HS999\"]");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with(expected), "{found:?}");
+        let found = problems_with_vars("", &[("GATEHOUSE__AUTH__ALGORITHMS", "rs256")]);
+        assert_eq!(
+            found,
+            vec![
+                "auth.algorithms: unknown algorithm \"rs256\" (names are case-sensitive: \"RS256\"); expected one of \
+                 HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA \
+                 (from the environment variable GATEHOUSE__AUTH__ALGORITHMS)"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_listed_algorithm_name_is_accepted() {
+        for name in ALGORITHM_NAMES {
+            let algorithm = parse_algorithm(name).unwrap();
+            assert_eq!(format!("{algorithm:?}"), name);
+        }
+    }
+
+    #[test]
+    fn a_key_file_of_the_wrong_kind_says_which_key_was_expected() {
+        let keys = tempfile::tempdir().unwrap();
+        let fixture = |name: &str| format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let not_pem = keys.path().join("not-pem.txt");
+        std::fs::write(&not_pem, "hello\n").unwrap();
+        // RFC 8410's example Ed25519 public key.
+        let ed25519 = keys.path().join("ed25519.pem");
+        std::fs::write(
+            &ed25519,
+            "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        let not_pem = not_pem.display().to_string();
+        let rsa = fixture("rsa-test-public.pem");
+        let ec = fixture("ec-p256-test-public.pem");
+        let cases = [
+            (
+                "RS256",
+                not_pem.clone(),
+                format!("auth.public_key_pem: {not_pem}: not a PEM public key: expected an RSA public key (BEGIN PUBLIC KEY or BEGIN RSA PUBLIC KEY) for RS256"),
+            ),
+            (
+                "ES256",
+                rsa.clone(),
+                format!("auth.public_key_pem: {rsa}: holds an RSA public key: expected an EC P-256 public key (BEGIN PUBLIC KEY) for ES256"),
+            ),
+            (
+                "EdDSA",
+                ec.clone(),
+                format!("auth.public_key_pem: {ec}: holds an EC public key: expected an Ed25519 public key (BEGIN PUBLIC KEY) for EdDSA"),
+            ),
+            (
+                "PS384",
+                fixture("rsa-test-private.pem"),
+                "holds a private key, not a public key: expected an RSA public key (BEGIN PUBLIC KEY or BEGIN RSA PUBLIC KEY) for PS384".to_owned(),
+            ),
+        ];
+        for (algorithm, path, expected) in cases {
+            let found = problems(&format!(
+                "auth = true\n[auth]\nalgorithms = [\"{algorithm}\"]\npublic_key_pem = {path:?}"
+            ));
+            assert!(
+                found.iter().any(|line| line.ends_with(&expected)),
+                "{expected}: {found:?}"
+            );
+        }
+        let usable = format!(
+            "auth = true\n[auth]\nalgorithms = [\"EdDSA\"]\npublic_key_pem = {:?}",
+            ed25519.display().to_string()
+        );
+        settings_with(&usable).expect("an Ed25519 public key serves EdDSA");
     }
 }

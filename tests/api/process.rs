@@ -721,6 +721,63 @@ interval_ms = 0
     );
 }
 
+#[test]
+fn unreadable_values_unknown_keys_and_missing_keys_are_reported_together() {
+    // serde stops at the first error; every one of these must still be named.
+    let dir = settings_file(&format!(
+        "{ONE_SERVICE}[health]\ninterval_ms = \"soon\"\n[routs.users]\nprefix = \"/x\"\n\
+         [rate_limit.policies.p]\nwindow_s = 60\n[routes.users]\nprefix = \"/api/users\"\nservice = \"user\"\n"
+    ));
+    refused(
+        dir.path(),
+        "test",
+        &[("GATEHOUSE__SERVER__WORKERS", "abc")],
+        &[
+            "server.workers: invalid type: string \"abc\", expected an integer \
+             (from the environment variable GATEHOUSE__SERVER__WORKERS)",
+            "health.interval_ms: invalid type: string \"soon\", expected an integer (from ",
+            "routs: unknown key",
+            "rate_limit.policies.p.max: required key is missing",
+        ],
+    );
+    let finished = run_gatehouse(
+        dir.path(),
+        Some("test"),
+        &[("GATEHOUSE__SERVER__WORKERS", "abc")],
+        &["check-config"],
+    );
+    let line = |key: &str| {
+        finished
+            .stderr
+            .lines()
+            .find(|line| line.trim_start().starts_with(key))
+            .unwrap_or_else(|| panic!("no line for {key}: {}", finished.stderr))
+            .to_owned()
+    };
+    assert!(
+        line("health.interval_ms").ends_with("default.toml)"),
+        "{}",
+        finished.stderr
+    );
+    assert!(!line("server.workers").contains("default.toml"), "{}", finished.stderr);
+}
+
+#[test]
+fn an_unknown_algorithm_is_refused_with_the_valid_names() {
+    let dir = settings_file(&format!(
+        "[auth]\nalgorithms = [\"HS999\"]\n{ONE_SERVICE}[routes.users]\nprefix = \"/api/users\"\nservice = \"user\"\n"
+    ));
+    refused(
+        dir.path(),
+        "test",
+        &[],
+        &[
+            "auth.algorithms: unknown algorithm \"HS999\"; expected one of HS256, HS384, HS512, RS256, RS384, \
+           RS512, PS256, PS384, PS512, ES256, ES384, EdDSA",
+        ],
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 4. The shipped defaults run with no other service
 // ---------------------------------------------------------------------------
