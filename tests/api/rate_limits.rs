@@ -1139,9 +1139,6 @@ async fn a_redis_restart_with_its_data_kept_makes_no_decision_local() {
     let prefix = "rl-test-restart-kept";
     let toml = format!(
         r#"
-[server]
-listen = "127.0.0.1:0"
-workers = 2
 [rate_limit]
 {limits}
 on_backend_error = "local"
