@@ -54,6 +54,9 @@ pub struct Gateway {
     /// Some route keeps `%2F` encoded, so a path refused for one is looked
     /// up again before the 400.
     pub any_route_allows_encoded_slash: bool,
+    /// Some route has `security_headers = false`, so responses are checked
+    /// for their route before the headers go on.
+    pub any_route_drops_security_headers: bool,
 }
 
 impl Gateway {
@@ -122,6 +125,7 @@ impl Gateway {
             });
         }
         let any_route_allows_encoded_slash = routes.iter().any(|route| route.allow_encoded_slash);
+        let any_route_drops_security_headers = routes.iter().any(|route| !route.security_headers);
         Ok(Self {
             services,
             routes: RouteTable::new(routes),
@@ -136,6 +140,7 @@ impl Gateway {
                 ms => Some(Duration::from_millis(ms)),
             },
             any_route_allows_encoded_slash,
+            any_route_drops_security_headers,
         })
     }
 

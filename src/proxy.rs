@@ -20,7 +20,7 @@ use actix::Addr;
 use actix_http::body::{self as http_body, BoxBody, SizedStream};
 use actix_http::error::ParseError;
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use actix_web::http::uri::{PathAndQuery, Uri};
+use actix_web::http::uri::{PathAndQuery, Scheme, Uri};
 use actix_web::http::{ConnectionType, Method, StatusCode, Version};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use awc::error::{ConnectError, PayloadError, SendRequestError};
@@ -43,6 +43,8 @@ const X_USER_ROLES: HeaderName = HeaderName::from_static("x-user-roles");
 const X_POWERED_BY: HeaderName = HeaderName::from_static("x-powered-by");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// The scheme of the (only, plain) listener, sent as `X-Forwarded-Proto`.
+const LISTENER_SCHEME: &str = "http";
 
 /// Headers the middleware adds to a proxied response: twelve security
 /// headers, `X-Request-Id` and five `RateLimit-*`/`Retry-After` at most.
@@ -107,10 +109,11 @@ impl Failure {
         matches!(self, Self::Connect(_) | Self::Reset(_) | Self::Timeout)
     }
 
-    /// Failures of the client's own body: logged at debug, since any client
-    /// can cause them at will (SPEC §3).
-    fn is_clients(&self) -> bool {
-        matches!(self, Self::BodyTooLarge | Self::ClientBody)
+    /// Failures any client can cause at will (its own body; an answer it
+    /// asked an instance for on purpose): logged at debug, so clients cannot
+    /// flood the log (SPEC §3). Metrics still count them.
+    fn is_provoked_by_the_client(&self) -> bool {
+        matches!(self, Self::BodyTooLarge | Self::ClientBody | Self::BadResponse(_))
     }
 
     fn kind(&self) -> &'static str {
@@ -222,10 +225,7 @@ impl Forwarding<'_> {
         let instance = &ctx.gateway.services[service_index].instances[index];
         tracing::Span::current().record("instance", instance.url.as_str());
         let mut headers = upstream_headers(req, &ctx.gateway);
-        let host = match route.preserve_host {
-            true => client_host(req).and_then(|host| HeaderValue::from_str(host).ok()),
-            false => None,
-        };
+        let host = route.preserve_host.then(|| client_host_value(req)).flatten();
         headers.insert(header::HOST, host.unwrap_or_else(|| instance.host.clone()));
         let uri = upstream_uri(instance, self.path_and_query).map_err(Failure::Internal)?;
 
@@ -250,8 +250,8 @@ impl Forwarding<'_> {
             Err(error) => {
                 let overflowed = progress.as_ref().is_some_and(|progress| progress.overflowed.get());
                 let failure = Failure::classify(error, overflowed);
-                if failure.is_clients() {
-                    tracing::debug!(instance = %instance.url, kind = failure.kind(), "the client's body failed");
+                if failure.is_provoked_by_the_client() {
+                    tracing::debug!(instance = %instance.url, kind = failure.kind(), error = ?failure, "request failed on the client's account");
                 } else {
                     tracing::warn!(instance = %instance.url, kind = failure.kind(), error = ?failure, "upstream request failed");
                 }
@@ -426,16 +426,10 @@ fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
         headers.insert(X_FORWARDED_FOR, value);
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(LISTENER_SCHEME));
     }
     if !headers.contains_key(&X_FORWARDED_HOST) {
-        // An absolute-form target's authority is the host (RFC 9112 §3.2.2);
-        // otherwise the `Host` header, reused without a copy.
-        let host = match req.uri().authority() {
-            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-            None => incoming.get(header::HOST).cloned(),
-        };
-        if let Some(host) = host {
+        if let Some(host) = client_host_value(req) {
             headers.insert(X_FORWARDED_HOST, host);
         }
     }
@@ -460,6 +454,15 @@ fn client_host(req: &HttpRequest) -> Option<&str> {
     request_host(req.uri(), req.headers().get(header::HOST), req.version())
         .ok()
         .flatten()
+}
+
+/// [`client_host`] as a header value: an absolute-form target's authority
+/// (RFC 9112 §3.2.2), otherwise the `Host` header, reused without a copy.
+fn client_host_value(req: &HttpRequest) -> Option<HeaderValue> {
+    match req.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
+    }
 }
 
 /// The upstream's answer as the client's response: status, headers less
@@ -549,21 +552,24 @@ fn rewrite_location(
     } else {
         ""
     };
-    let rewritten = if let Some(rest) = strip_instance_url(text, instance) {
-        let path_slash = if rest.starts_with('/') { "" } else { "/" };
-        match client_host(req) {
-            Some(host) => {
-                let proto = forwarded_proto(req, gateway);
-                format!("{proto}://{host}{prefix}{path_slash}{rest}")
-            }
-            None => format!("{prefix}{path_slash}{rest}"),
-        }
+    let (rest, origin) = if let Some(rest) = strip_instance_url(text, instance) {
+        let origin = client_host(req).map(|host| (forwarded_proto(req, gateway), host));
+        (rest, origin)
     } else if route.strip_prefix && text.starts_with('/') && !text.starts_with("//") {
-        let rest = strip_base_path(text, &instance.base_path).unwrap_or(text);
-        let path_slash = if rest.starts_with('/') { "" } else { "/" };
-        format!("{prefix}{path_slash}{rest}")
+        (strip_base_path(text, &instance.base_path).unwrap_or(text), None)
     } else {
         return None;
+    };
+    let path_slash = if rest.starts_with('/') { "" } else { "/" };
+    let path = format!("{prefix}{path_slash}{rest}");
+    let rewritten = match origin {
+        Some((proto, host)) => format!("{proto}://{host}{path}"),
+        // A root-relative value must stay on this host: `//x` or `/\x`
+        // (what `/v1//x` becomes without its base path) would leave it.
+        None if path.starts_with("//") || path.starts_with("/\\") => {
+            format!("/{}", path.trim_start_matches(['/', '\\']))
+        }
+        None => path,
     };
     HeaderValue::from_str(&rewritten).ok()
 }
@@ -580,7 +586,18 @@ fn strip_instance_url<'a>(url: &'a str, instance: &Instance) -> Option<&'a str> 
     if !on_instance.eq_ignore_ascii_case(authority) {
         return None;
     }
-    strip_base_path(&rest[authority.len()..], &instance.base_path)
+    let mut rest = &rest[authority.len()..];
+    if instance.authority.port().is_none() {
+        // The URL parser drops a default port from the instance's URL; the
+        // instance may still spell it out.
+        let default_port = if instance.scheme == Scheme::HTTPS {
+            ":443"
+        } else {
+            ":80"
+        };
+        rest = rest.strip_prefix(default_port).unwrap_or(rest);
+    }
+    strip_base_path(rest, &instance.base_path)
 }
 
 /// `path` without the instance's base path, on a segment boundary.
@@ -589,16 +606,15 @@ fn strip_base_path<'a>(path: &'a str, base_path: &str) -> Option<&'a str> {
     (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
 }
 
-/// The scheme the client used: a trusted proxy's `X-Forwarded-Proto`, else
-/// this listener's.
-fn forwarded_proto<'a>(req: &'a HttpRequest, gateway: &Gateway) -> &'a str {
+/// The scheme the client used, as `X-Forwarded-Proto` tells the instance: a
+/// trusted proxy's own value, else [`LISTENER_SCHEME`].
+fn forwarded_proto(req: &HttpRequest, gateway: &Gateway) -> &'static str {
     let trusted_peer = req.peer_addr().is_some_and(|peer| gateway.is_trusted_proxy(peer.ip()));
-    let forwarded = req
-        .headers()
-        .get(&X_FORWARDED_PROTO)
-        .and_then(|value| value.to_str().ok())
-        .filter(|proto| trusted_peer && matches!(*proto, "http" | "https"));
-    forwarded.unwrap_or("http")
+    match req.headers().get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
+        Some(b"https") if trusted_peer => "https",
+        Some(b"http") if trusted_peer => "http",
+        _ => LISTENER_SCHEME,
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -800,6 +816,78 @@ impl Stream for CappedPayload {
                 Poll::Ready(None)
             }
             other => Poll::Ready(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(scheme: Scheme, authority: &str, base_path: &str) -> Instance {
+        Instance {
+            url: format!("{scheme}://{authority}{base_path}"),
+            scheme,
+            authority: authority.parse().unwrap(),
+            base_path: base_path.to_owned(),
+            host: HeaderValue::from_str(authority).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_url_is_on_the_instance_when_scheme_authority_and_base_path_match() {
+        let plain = instance(Scheme::HTTP, "10.0.0.5:3001", "");
+        let based = instance(Scheme::HTTP, "app.internal", "/v1");
+        let tls = instance(Scheme::HTTPS, "app.internal", "");
+        let cases: &[(&Instance, &str, Option<&str>)] = &[
+            (&plain, "http://10.0.0.5:3001/x?y", Some("/x?y")),
+            (&plain, "HTTP://10.0.0.5:3001", Some("")),
+            (&plain, "http://10.0.0.5:30011/x", None),
+            (&plain, "https://10.0.0.5:3001/x", None),
+            (&plain, "http://10.0.0.6:3001/x", None),
+            (&based, "http://APP.internal/v1/x", Some("/x")),
+            (&based, "http://app.internal:80/v1/x", Some("/x")),
+            (&based, "http://app.internal/v1?q", Some("?q")),
+            (&based, "http://app.internal/v10/x", None),
+            (&based, "http://app.internal/x", None),
+            (&tls, "https://app.internal:443/x", Some("/x")),
+            (&tls, "https://app.internal:80/x", None),
+        ];
+        for (instance, url, expected) in cases {
+            assert_eq!(
+                strip_instance_url(url, instance),
+                *expected,
+                "{url} on {}",
+                instance.url
+            );
+        }
+    }
+
+    #[test]
+    fn underscore_spellings_of_framing_headers_are_never_forwarded() {
+        for name in [
+            "transfer_encoding",
+            "content_length",
+            "keep_alive",
+            "x_user_id",
+            "proxy_connection",
+        ] {
+            let name = HeaderName::from_static(name);
+            assert!(is_gateway_owned(&name, false), "{name}");
+        }
+        assert!(!is_gateway_owned(&HeaderName::from_static("x_custom"), false));
+        for name in [
+            header::CONNECTION,
+            KEEP_ALIVE,
+            header::PROXY_AUTHENTICATE,
+            header::PROXY_AUTHORIZATION,
+            header::TE,
+            header::TRAILER,
+            header::TRANSFER_ENCODING,
+            header::UPGRADE,
+            PROXY_CONNECTION,
+        ] {
+            assert!(is_hop_by_hop(&name) && is_hop_by_hop_name(name.as_str()), "{name}");
         }
     }
 }

@@ -126,7 +126,7 @@ impl Application {
                 .wrap(TracingLogger::<GatewayRootSpan>::new())
                 .wrap(RequestIds)
                 .wrap(SecurityHeaders {
-                    some_route_opts_out: gateway.routes.routes().iter().any(|route| !route.security_headers),
+                    some_route_opts_out: gateway.any_route_drops_security_headers,
                 })
                 .wrap(ConnectionWatch)
         })

@@ -956,7 +956,11 @@ fn serve_raw(
             Err(_) => break,
         }
     }
-    let probe = head.starts_with(b"GET /health ");
+    // A probe of `/health`, under an instance base path too.
+    let probe = head
+        .strip_prefix(b"GET /")
+        .and_then(|rest| rest.split(|byte| *byte == b' ').next())
+        .is_some_and(|path| path == b"health" || path.ends_with(b"/health"));
     if probe && probes_pass {
         let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         return;

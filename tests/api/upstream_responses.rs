@@ -191,6 +191,26 @@ async fn under_strip_prefix_redirects_get_the_route_prefix_back() {
 }
 
 #[actix_web::test]
+async fn a_redirect_never_leaves_the_gateways_host_once_the_base_path_is_cut() {
+    let instance = redirecting_instance();
+    let gateway = TestGateway::start(&format!(
+        "[services.based]\ninstances = [\"{}/v1\"]\n[routes.root]\nprefix = \"/\"\nservice = \"based\"\nstrip_prefix = true\n",
+        instance.url()
+    ));
+    for (to, expected) in [
+        ("/v1//evil.example/x", "/evil.example/x"),
+        ("/v1/next", "/next"),
+        (
+            "{self}/v1//evil.example/x",
+            "http://gateway.example:8443//evil.example/x",
+        ),
+    ] {
+        let reply = location_for(&gateway, "/redirect", to).await;
+        assert_eq!(reply.header("location"), Some(expected), "upstream Location {to:?}");
+    }
+}
+
+#[actix_web::test]
 async fn a_trusted_proxys_scheme_is_the_one_redirects_use() {
     let instance = redirecting_instance();
     let gateway = TestGateway::builder()
