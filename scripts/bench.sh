@@ -7,7 +7,8 @@
 #
 # With BASELINE, that binary (an earlier build) serves the public route too,
 # with the same settings, interleaved with the others: an A/B of a change in
-# one run.
+# one run. ONLY=<regex> keeps the scenarios whose names match it and skips
+# the sustained run, e.g. ONLY='^(nginx|gatehouse public|baseline public)$'.
 # The system under test (nginx proxy or gatehouse, one worker each) is pinned
 # to CPU 0; wrk, the two upstream nginx instances and Redis to the other CPUs.
 # Each round runs every scenario once (A B C … A B C …); the table reports
@@ -228,6 +229,7 @@ for round in $(seq "$ROUNDS"); do
       # process that has served them keeps more pooled upstream connections,
       # and the comparison with the main process should not hinge on that.
       case "$name" in *16KiB*) [ "$conns" = 64 ] || continue ;; esac
+      [ -z "${ONLY:-}" ] || [[ "$name" =~ $ONLY ]] || continue
       echo "round $round/$ROUNDS: $name, $conns connections" >&2
       run_one "$round" "$name" "$url" "$pid" "$header" "$conns"
     done
@@ -235,14 +237,17 @@ for round in $(seq "$ROUNDS"); do
 done
 # Sustained load: is the gateway's memory flat? 60 s at 256 connections on
 # the public route, RSS sampled after a 5 s warm-up and at the end.
-echo "sustained: 65 s on the public route, 256 connections" >&2
-taskset -c "$LOAD_CPUS" wrk -t1 -c256 -d65s "http://127.0.0.1:$GATEHOUSE/public/item" >"$WORK/sustained.txt" &
-WRK_PID=$!
-sleep 5
-SUSTAINED_RSS_START=$(rss_kib "$GATEHOUSE_PID")
-wait "$WRK_PID"
-SUSTAINED_RSS_END=$(rss_kib "$GATEHOUSE_PID")
-SUSTAINED_REQUESTS=$(awk '/requests in/ {print $1}' "$WORK/sustained.txt")
+SUSTAINED_RSS_START=0; SUSTAINED_RSS_END=0; SUSTAINED_REQUESTS=0
+if [ -z "${ONLY:-}" ]; then
+  echo "sustained: 65 s on the public route, 256 connections" >&2
+  taskset -c "$LOAD_CPUS" wrk -t1 -c256 -d65s "http://127.0.0.1:$GATEHOUSE/public/item" >"$WORK/sustained.txt" &
+  WRK_PID=$!
+  sleep 5
+  SUSTAINED_RSS_START=$(rss_kib "$GATEHOUSE_PID")
+  wait "$WRK_PID"
+  SUSTAINED_RSS_END=$(rss_kib "$GATEHOUSE_PID")
+  SUSTAINED_REQUESTS=$(awk '/requests in/ {print $1}' "$WORK/sustained.txt")
+fi
 GATEHOUSE_RSS_END=$(rss_kib "$GATEHOUSE_PID")
 GATEHOUSE_HWM=$(hwm_kib "$GATEHOUSE_PID")
 
