@@ -1077,10 +1077,9 @@ impl RedisServer {
     }
 
     /// Kills it if it runs, then starts it again, empty, on the same port.
-    pub fn restart(&mut self) {
-        self.kill();
-        // What an earlier `restart_keeping_data` saved would be loaded.
-        let _ = std::fs::remove_file(self.dir.path().join("dump.rdb"));
+    /// Spawns again on the same port and folder, waiting up to 10 s for the
+    /// port to be free.
+    fn spawn_again(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.spawn() {
             assert!(
@@ -1090,6 +1089,13 @@ impl RedisServer {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        // What an earlier `restart_keeping_data` saved would be loaded.
+        let _ = std::fs::remove_file(self.dir.path().join("dump.rdb"));
+        self.spawn_again();
     }
 
     /// `SHUTDOWN SAVE`, then starts it again on the same port and directory,
@@ -1125,15 +1131,7 @@ impl RedisServer {
             self.dir.path().join("dump.rdb").exists(),
             "SHUTDOWN SAVE wrote no dump.rdb"
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.spawn() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not restart on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.spawn_again();
     }
 
     fn signal(&self, signal: &str) {
