@@ -6,7 +6,7 @@ use actix_web::HttpResponse;
 
 use crate::actors::registry::GetHealthReport;
 use crate::error::GatewayError;
-use crate::proxy::WorkerContext;
+use crate::worker::WorkerContext;
 
 fn only_get(method: &Method) -> Result<(), GatewayError> {
     if method == Method::GET || method == Method::HEAD {

@@ -6,9 +6,10 @@
 //!   [`middleware::route_match`], which normalizes the path ([`routing`]) and
 //!   picks the route, and [`middleware::auth`], which checks bearer tokens
 //!   with [`auth`].
-//! - [`startup`]'s dispatch handler answers the gateway's own [`endpoints`]
+//! - [`worker`]'s dispatch handler answers the gateway's own [`endpoints`]
 //!   or hands the request to [`proxy`], which asks this worker's
 //!   [`actors::balancer`] for an instance and forwards with awc.
+//! - [`startup`] binds, starts the actors and the workers.
 //! - [`error`] maps every refusal to the spec's JSON bodies.
 //!
 //! State that changes while running lives in [`actors`]: the registry owns
@@ -30,3 +31,4 @@ pub mod routing;
 pub mod settings;
 pub mod startup;
 pub mod telemetry;
+pub mod worker;

@@ -47,9 +47,24 @@ pub fn render() -> String {
     handle.render()
 }
 
+/// Histogram upkeep period, so metrics memory stays flat between scrapes.
+const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
+
 /// Drains histograms so their memory stays bounded between scrapes.
 pub fn run_upkeep() {
     install().run_upkeep();
+}
+
+/// Runs [`run_upkeep`] every few seconds on the current arbiter, for as long
+/// as it runs.
+pub fn spawn_upkeep() {
+    actix_rt::spawn(async {
+        let mut upkeep = actix_rt::time::interval(UPKEEP_PERIOD);
+        loop {
+            upkeep.tick().await;
+            run_upkeep();
+        }
+    });
 }
 
 /// The `method` label: the standard methods by name, anything a client

@@ -12,11 +12,9 @@ use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use actix::Addr;
 use actix_http::body::{self as http_body, BoxBody, SizedStream};
 use actix_http::error::ParseError;
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -27,13 +25,14 @@ use awc::error::{ConnectError, PayloadError, SendRequestError};
 use bytes::Bytes;
 use futures_util::Stream;
 
-use crate::actors::balancer::{BalancerActor, PickTarget};
-use crate::actors::registry::{PassiveFailures, RegistryActor, ReportPassiveFailure};
+use crate::actors::balancer::PickTarget;
+use crate::actors::registry::ReportPassiveFailure;
 use crate::auth::Identity;
 use crate::error::GatewayError;
 use crate::gateway::{Gateway, Instance, Service};
 use crate::middleware::request_id::{RequestId, X_REQUEST_ID};
 use crate::routing::{request_host, strip_route_prefix, Route};
+use crate::worker::WorkerContext;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -49,19 +48,6 @@ const LISTENER_SCHEME: &str = "http";
 /// Headers the middleware adds to a proxied response: twelve security
 /// headers, `X-Request-Id` and five `RateLimit-*`/`Retry-After` at most.
 const GATEWAY_RESPONSE_HEADERS: usize = 18;
-
-/// Everything one HTTP worker needs to forward; built once per worker.
-pub struct WorkerContext {
-    pub gateway: Arc<Gateway>,
-    /// One client per instance (`[service][instance]`), each with its own
-    /// pool of keep-alive connections capped at `max_connections_per_host`,
-    /// so one slow instance cannot take the connections of another.
-    pub clients: Vec<Vec<awc::Client>>,
-    /// This worker's balancer, on this worker's arbiter.
-    pub balancer: Addr<BalancerActor>,
-    pub registry: Addr<RegistryActor>,
-    pub passive: Arc<PassiveFailures>,
-}
 
 /// Why one attempt to reach an instance failed.
 #[derive(Debug)]
