@@ -2,6 +2,9 @@
 //! their instances, the route table and the limits, all parsed once at
 //! start-up into the types the hot path needs (URIs, header values, CIDRs).
 //! Mutable state (health, cursors) lives in the actors.
+//!
+//! [`compile`] is the one step from validated settings to everything serving
+//! needs: the gateway, the token verifier and the shared limiter state.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -9,12 +12,39 @@ use std::time::Duration;
 
 use actix_web::http::header::HeaderValue;
 use actix_web::http::uri::{Authority, Scheme};
-use actix_web::http::Method;
 use ipnet::IpNet;
 
-use crate::ratelimit::Policy;
-use crate::routing::{Route, RouteTable};
+use crate::auth::Verifier;
+use crate::ratelimit::{Policy, SharedLimits};
+use crate::routing::{parse_method, Route, RouteTable};
 use crate::settings::{PolicyKey, Settings};
+
+/// What serving needs from the settings, built once by [`compile`].
+pub struct Runtime {
+    pub gateway: Arc<Gateway>,
+    /// `None` when no route needs auth: keys are parsed only when used.
+    pub verifier: Option<Arc<Verifier>>,
+    /// The in-process limiter state every worker shares.
+    pub limits: SharedLimits,
+}
+
+/// Compiles validated settings into a [`Runtime`]; every problem names its
+/// key.
+pub fn compile(settings: &Settings) -> Result<Runtime, Vec<String>> {
+    let gateway = Gateway::from_settings(settings).map_err(|problem| vec![problem])?;
+    let verifier = if gateway.routes.routes().iter().any(|route| route.auth) {
+        let verifier = Verifier::new(&settings.auth).map_err(|err| vec![err.to_string()])?;
+        Some(Arc::new(verifier))
+    } else {
+        None
+    };
+    let limits = SharedLimits::new(gateway.policies.clone());
+    Ok(Runtime {
+        gateway: Arc::new(gateway),
+        verifier,
+        limits,
+    })
+}
 
 /// One upstream instance of a service.
 #[derive(Debug)]
@@ -99,9 +129,11 @@ impl Gateway {
                 let parsed = route
                     .methods
                     .iter()
-                    .map(|method| Method::from_bytes(method.to_ascii_uppercase().as_bytes()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|err| format!("routes.{name}.methods: {err}"))?;
+                    .map(|method| {
+                        parse_method(method)
+                            .ok_or_else(|| format!("routes.{name}.methods: {method:?} is not an HTTP method"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 Some(parsed)
             };
             routes.push(Route {

@@ -10,7 +10,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use gatehouse::cli::{Cli, Command};
 use gatehouse::settings::{Settings, Sources};
-use gatehouse::{auth, startup, telemetry};
+use gatehouse::{auth, gateway, startup, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -33,10 +33,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::CheckConfig => {
-            print!("{}", settings.to_redacted_toml());
-            ExitCode::SUCCESS
-        }
+        // The same compile step as `serve`, so what passes here starts.
+        Command::CheckConfig => match gateway::compile(&settings) {
+            Ok(_) => {
+                print!("{}", settings.to_redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                eprintln!("gatehouse: invalid configuration:\n  {}", problems.join("\n  "));
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve => {
             let _flush_logs_on_exit = telemetry::init();
             match actix_web::rt::System::new().block_on(startup::run(settings)) {

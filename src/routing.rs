@@ -218,6 +218,12 @@ pub fn strip_route_prefix<'a>(path: &'a str, prefix: &str) -> Cow<'a, str> {
     }
 }
 
+/// A method as configured in a route's `methods`: letter case is ignored
+/// (`get` is `GET`); `None` for anything that is not an HTTP token.
+pub fn parse_method(text: &str) -> Option<Method> {
+    Method::from_bytes(text.to_ascii_uppercase().as_bytes()).ok()
+}
+
 /// A configured route, compiled once at start-up.
 #[derive(Debug)]
 pub struct Route {

@@ -585,7 +585,7 @@ impl Settings {
                 );
             }
             for method in &route.methods {
-                if actix_web::http::Method::from_bytes(method.as_bytes()).is_err() {
+                if routing::parse_method(method).is_none() {
                     problem(format!("{key}.methods"), format!("{method:?} is not an HTTP method"));
                 }
             }
@@ -603,11 +603,13 @@ impl Settings {
         let routes: Vec<_> = self.routes.iter().collect();
         for (i, (name_a, a)) in routes.iter().enumerate() {
             for (name_b, b) in &routes[i + 1..] {
+                let parsed = |methods: &[String]| -> Vec<_> {
+                    methods.iter().filter_map(|m| routing::parse_method(m)).collect()
+                };
+                let (methods_a, methods_b) = (parsed(&a.methods), parsed(&b.methods));
                 let methods_overlap = a.methods.is_empty()
                     || b.methods.is_empty()
-                    || a.methods
-                        .iter()
-                        .any(|m| b.methods.iter().any(|n| m.eq_ignore_ascii_case(n)));
+                    || methods_a.iter().any(|method| methods_b.contains(method));
                 if a.prefix == b.prefix && methods_overlap {
                     problem(
                         format!("routes.{name_b}.prefix"),

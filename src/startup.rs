@@ -16,11 +16,10 @@ use actix_web::HttpServer;
 use crate::actors::balancer::{shared_cursors, SharedCursors};
 use crate::actors::health::HealthChecker;
 use crate::actors::registry::{PassiveFailures, RegistryActor};
-use crate::auth::Verifier;
-use crate::gateway::Gateway;
+use crate::gateway::{compile, Gateway, Runtime};
 use crate::middleware::connection_watch::watch_connection;
 use crate::proxy;
-use crate::ratelimit::{RateLimiter, SharedLimits};
+use crate::ratelimit::RateLimiter;
 use crate::settings::Settings;
 use crate::worker::Workers;
 
@@ -55,20 +54,14 @@ impl Application {
             source,
         })?;
         let address = listener.local_addr()?;
-        let gateway = Arc::new(Gateway::from_settings(settings).map_err(StartupError::Config)?);
-        // Keys are parsed once, and only when a route needs them.
-        let verifier = if gateway.routes.routes().iter().any(|route| route.auth) {
-            Some(Arc::new(
-                Verifier::new(&settings.auth).map_err(|err| StartupError::Config(err.to_string()))?,
-            ))
-        } else {
-            None
-        };
-
+        let Runtime {
+            gateway,
+            verifier,
+            limits,
+        } = compile(settings).map_err(|problems| StartupError::Config(problems.join("\n")))?;
         let rate_limit = settings.rate_limit.clone();
-        let shared_limits = SharedLimits::new(gateway.policies.clone());
         // Fail here, not in a worker, if the backend cannot be set up.
-        RateLimiter::new(&rate_limit, &shared_limits).map_err(StartupError::Config)?;
+        RateLimiter::new(&rate_limit, &limits).map_err(StartupError::Config)?;
         let actors = start_actors(&gateway, settings);
         crate::metrics::install();
         crate::metrics::spawn_upkeep();
@@ -76,7 +69,7 @@ impl Application {
             gateway,
             verifier,
             rate_limit,
-            shared_limits,
+            shared_limits: limits,
             upstream: settings.upstream.clone(),
             registry: actors.registry,
             passive: actors.passive,
