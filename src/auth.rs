@@ -58,8 +58,8 @@ pub enum KeyError {
     },
     #[error("auth.public_key_pem: one key cannot serve {0}")]
     MixedFamilies(String),
-    #[error("auth.jwt_secret: required for {0:?}")]
-    MissingSecret(Algorithm),
+    #[error("{0}")]
+    MissingSecret(String),
 }
 
 /// Checks tokens against the configured keys; cheap to share.
@@ -110,12 +110,12 @@ impl Verifier {
             Some(family) => Some(read_public_key(&settings.public_key_pem, family, &settings.algorithms)?),
         };
 
+        if let Some(problem) = settings.missing_secret() {
+            return Err(KeyError::MissingSecret(problem));
+        }
         let mut accepted = HashMap::new();
         for &algorithm in &settings.algorithms {
             let key = if is_hmac(algorithm) {
-                if settings.jwt_secret.is_empty() {
-                    return Err(KeyError::MissingSecret(algorithm));
-                }
                 DecodingKey::from_secret(settings.jwt_secret.expose().as_bytes())
             } else {
                 public_key

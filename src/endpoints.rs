@@ -6,7 +6,7 @@ use actix_web::HttpResponse;
 
 use crate::actors::registry::GetHealthReport;
 use crate::error::GatewayError;
-use crate::worker::WorkerContext;
+use crate::worker::Snapshot;
 
 fn only_get(method: &Method) -> Result<(), GatewayError> {
     if method == Method::GET || method == Method::HEAD {
@@ -19,7 +19,7 @@ fn only_get(method: &Method) -> Result<(), GatewayError> {
 }
 
 /// `GET /health`: always 200 while the gateway runs; `status` tells the state.
-pub async fn health(method: &Method, ctx: &WorkerContext) -> Result<HttpResponse, GatewayError> {
+pub async fn health(method: &Method, ctx: &Snapshot) -> Result<HttpResponse, GatewayError> {
     only_get(method)?;
     let report = ctx
         .registry

@@ -4,7 +4,8 @@
 //! Mutable state (health, cursors) lives in the actors.
 //!
 //! [`compile`] is the one step from validated settings to everything serving
-//! needs: the gateway, the token verifier and the shared limiter state.
+//! needs: the gateway and the token verifier. `serve`, `check-config` and
+//! every reload call it, so what one accepts the others do.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,35 +16,45 @@ use actix_web::http::uri::{Authority, Scheme};
 use ipnet::IpNet;
 
 use crate::auth::Verifier;
-use crate::ratelimit::{Policy, SharedLimits};
+use crate::ratelimit::Policy;
 use crate::routing::{parse_method, Route, RouteTable};
-use crate::settings::{PolicyKey, Settings};
+use crate::settings::{PolicyKey, RateLimitBackend, Settings};
 
-/// What serving needs from the settings, built once by [`compile`].
+/// What serving needs from the settings, built by [`compile`].
 pub struct Runtime {
     pub gateway: Arc<Gateway>,
     /// `None` when no route needs auth: keys are parsed only when used.
     pub verifier: Option<Arc<Verifier>>,
-    /// The in-process limiter state every worker shares.
-    pub limits: SharedLimits,
 }
 
 /// Compiles validated settings into a [`Runtime`]; every problem names its
 /// key.
 pub fn compile(settings: &Settings) -> Result<Runtime, Vec<String>> {
-    let gateway = Gateway::from_settings(settings).map_err(|problem| vec![problem])?;
-    let verifier = if gateway.routes.routes().iter().any(|route| route.auth) {
-        let verifier = Verifier::new(&settings.auth).map_err(|err| vec![err.to_string()])?;
-        Some(Arc::new(verifier))
-    } else {
-        None
-    };
-    let limits = SharedLimits::new(gateway.policies.clone());
-    Ok(Runtime {
-        gateway: Arc::new(gateway),
-        verifier,
-        limits,
-    })
+    let mut problems = Vec::new();
+    let gateway = Gateway::from_settings(settings)
+        .map_err(|problem| problems.push(problem))
+        .ok();
+    let needs_auth = settings.routes.values().any(|route| route.needs_auth());
+    let verifier = needs_auth
+        .then(|| {
+            Verifier::new(&settings.auth)
+                .map_err(|err| problems.push(err.to_string()))
+                .ok()
+        })
+        .flatten();
+    if settings.rate_limit.backend == RateLimitBackend::Redis {
+        use deadpool_redis::redis::IntoConnectionInfo;
+        if let Err(err) = settings.rate_limit.redis_url.expose().into_connection_info() {
+            problems.push(format!("rate_limit.redis_url: {err}"));
+        }
+    }
+    match gateway {
+        Some(gateway) if problems.is_empty() => Ok(Runtime {
+            gateway: Arc::new(gateway),
+            verifier: verifier.map(Arc::new),
+        }),
+        _ => Err(problems),
+    }
 }
 
 /// One upstream instance of a service.
@@ -72,8 +83,9 @@ pub struct Service {
 pub struct Gateway {
     pub services: Vec<Service>,
     pub routes: RouteTable,
-    /// Every rate-limit policy; routes and `global` refer to them by index.
-    pub policies: Arc<[Policy]>,
+    /// Every rate-limit policy; routes and `global` refer to them by their
+    /// index here.
+    pub policies: Vec<Policy>,
     pub global_policy: Option<usize>,
     pub trusted_proxies: Vec<IpNet>,
     pub max_body_bytes: u64,
@@ -107,7 +119,7 @@ impl Gateway {
         }
         let policy_names: Vec<&String> = settings.rate_limit.policies.keys().collect();
         let policy_index = |name: &str| policy_names.iter().position(|known| *known == name);
-        let policies: Arc<[Policy]> = settings
+        let policies: Vec<Policy> = settings
             .rate_limit
             .policies
             .iter()

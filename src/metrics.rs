@@ -142,3 +142,19 @@ pub fn rate_limit_backend_error() {
 pub fn upstream_error(service: &str, kind: &'static str) {
     metrics::counter!("gatehouse_upstream_errors_total", "service" => service.to_owned(), "kind" => kind).increment(1);
 }
+
+/// Empties this worker's request-series handles. Called when the worker
+/// swaps in a new configuration: the handles are keyed by route address,
+/// and a new route may later be allocated where a dropped one was.
+pub fn forget_request_series() {
+    REQUEST_SERIES.with(|series| series.borrow_mut().clear());
+}
+
+pub fn config_generation(generation: u64) {
+    metrics::gauge!("gatehouse_config_generation").set(generation as f64);
+}
+
+/// One reload attempt, `success` or `failure`.
+pub fn config_reload(result: &'static str) {
+    metrics::counter!("gatehouse_config_reloads_total", "result" => result).increment(1);
+}

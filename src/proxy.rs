@@ -25,14 +25,13 @@ use awc::error::{ConnectError, PayloadError, SendRequestError};
 use bytes::Bytes;
 use futures_util::Stream;
 
-use crate::actors::balancer::PickTarget;
 use crate::actors::registry::ReportPassiveFailure;
 use crate::auth::Identity;
 use crate::error::GatewayError;
 use crate::gateway::{Gateway, Instance, Service};
 use crate::middleware::request_id::{RequestId, X_REQUEST_ID};
 use crate::routing::{request_host, strip_route_prefix, Route};
-use crate::worker::WorkerContext;
+use crate::worker::Snapshot;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -140,7 +139,7 @@ pub async fn forward(
     payload: web::Payload,
     route: &Route,
     path: &str,
-    ctx: &WorkerContext,
+    ctx: &Snapshot,
 ) -> Result<HttpResponse, GatewayError> {
     // One deadline for the whole forward: a retry only gets what is left.
     let deadline = Instant::now() + ctx.gateway.request_timeout;
@@ -157,8 +156,8 @@ pub async fn forward(
         deadline,
     };
 
-    let first = pick(ctx, route.service, None)
-        .await?
+    let first = ctx
+        .pick(route.service, None)
         .ok_or_else(|| unavailable(service, "no healthy instance"))?;
     let failure = match forwarding.attempt(first, body).await {
         Ok(response) => return Ok(response),
@@ -177,7 +176,7 @@ pub async fn forward(
     let Some(retry_body) = retry_body.filter(|_| Instant::now() < deadline) else {
         return Err(failure.into_error(service));
     };
-    let Some(second) = pick(ctx, route.service, Some(first)).await? else {
+    let Some(second) = ctx.pick(route.service, Some(first)) else {
         return Err(failure.into_error(service));
     };
     tracing::debug!(failed = %service.instances[first].url, retry = %service.instances[second].url, "retrying on the next instance");
@@ -187,16 +186,9 @@ pub async fn forward(
         .map_err(|failure| failure.into_error(service))
 }
 
-async fn pick(ctx: &WorkerContext, service: usize, exclude: Option<usize>) -> Result<Option<usize>, GatewayError> {
-    ctx.balancer
-        .send(PickTarget { service, exclude })
-        .await
-        .map_err(|err| GatewayError::Internal(format!("balancer unavailable: {err}")))
-}
-
 /// What every attempt of one forward shares.
 struct Forwarding<'a> {
-    ctx: &'a WorkerContext,
+    ctx: &'a Snapshot,
     req: &'a HttpRequest,
     route: &'a Route,
     path_and_query: &'a PathAndQuery,
@@ -215,7 +207,9 @@ impl Forwarding<'_> {
         headers.insert(header::HOST, host.unwrap_or_else(|| instance.host.clone()));
         let uri = upstream_uri(instance, self.path_and_query).map_err(Failure::Internal)?;
 
-        let mut request = ctx.clients[service_index][index]
+        let upstream = ctx.upstream(service_index, index);
+        let mut request = upstream
+            .client
             .request(req.method().clone(), uri)
             .timeout(self.deadline.saturating_duration_since(Instant::now()))
             .no_decompress();
@@ -230,7 +224,7 @@ impl Forwarding<'_> {
         };
         match sent {
             Ok(response) => {
-                ctx.passive.record_success(service_index, index);
+                upstream.failures.record_success();
                 Ok(client_response(response, req, route, instance, &ctx.gateway))
             }
             Err(error) => {
@@ -249,10 +243,10 @@ impl Forwarding<'_> {
                 let request_sent = progress.as_ref().is_none_or(|progress| progress.finished.get());
                 let counts =
                     failure.counts_against_instance() && (request_sent || matches!(failure, Failure::Connect(_)));
-                if counts && ctx.passive.record_failure(service_index, index) {
+                if counts && upstream.failures.record_failure(ctx.passive_threshold) {
                     ctx.registry.do_send(ReportPassiveFailure {
-                        service: service_index,
-                        instance: index,
+                        service: ctx.gateway.services[service_index].name.clone(),
+                        url: instance.url.clone(),
                         reason: failure.kind().to_owned(),
                     });
                 }

@@ -38,7 +38,7 @@ const REDACTED: &str = "<redacted>";
 /// An HS secret shorter than this is refused for routes that need auth.
 pub const MIN_HS_SECRET_BYTES: usize = 32;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Settings {
     pub server: ServerSettings,
@@ -50,7 +50,7 @@ pub struct Settings {
     pub routes: BTreeMap<String, RouteSettings>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
@@ -78,7 +78,7 @@ impl Default for ServerSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct UpstreamSettings {
     pub connect_timeout_ms: u64,
@@ -99,7 +99,7 @@ impl Default for UpstreamSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct HealthSettings {
     pub interval_ms: u64,
@@ -121,7 +121,7 @@ impl Default for HealthSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AuthSettings {
     pub jwt_secret: Secret,
@@ -132,6 +132,20 @@ pub struct AuthSettings {
     pub audience: String,
     pub leeway_s: u64,
     pub roles_claim: String,
+}
+
+impl AuthSettings {
+    /// The one rule for HMAC keys: an HS algorithm needs a secret. Checked
+    /// by validation (for routes that need auth) and by the verifier itself.
+    pub fn missing_secret(&self) -> Option<String> {
+        let hmac = self.algorithms.iter().filter(|alg| is_hmac(**alg));
+        (self.jwt_secret.is_empty() && hmac.clone().next().is_some()).then(|| {
+            format!(
+                "auth.jwt_secret: routes need auth with {} but no secret is set (JWT_SECRET or auth.jwt_secret, at least {MIN_HS_SECRET_BYTES} bytes)",
+                algorithm_names(hmac)
+            )
+        })
+    }
 }
 
 impl Default for AuthSettings {
@@ -164,7 +178,7 @@ pub enum BackendErrorMode {
     Deny,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RateLimitSettings {
     pub backend: RateLimitBackend,
@@ -200,7 +214,7 @@ pub enum PolicyKey {
     User,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicySettings {
     pub window_s: u64,
     pub max: u64,
@@ -218,7 +232,7 @@ fn default_policy_message() -> String {
     "Too many requests".to_owned()
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceSettings {
     #[serde(deserialize_with = "list_or_csv")]
     pub instances: Vec<String>,
@@ -230,7 +244,7 @@ fn default_health_path() -> String {
     "/health".to_owned()
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouteSettings {
     pub prefix: String,
     pub service: String,
@@ -680,30 +694,16 @@ impl Settings {
         if !needs_auth {
             return problems;
         }
-        let has_hs = auth.algorithms.iter().any(|alg| is_hmac(*alg));
+        problems.extend(auth.missing_secret());
         let has_public = auth.algorithms.iter().any(|alg| !is_hmac(*alg));
-        if has_hs && auth.jwt_secret.is_empty() {
-            problems.push(format!(
-                "auth.jwt_secret: routes need auth with {} but no secret is set (JWT_SECRET or auth.jwt_secret, at least {MIN_HS_SECRET_BYTES} bytes)",
-                algorithm_names(auth.algorithms.iter().filter(|alg| is_hmac(**alg)))
-            ));
-        }
         if has_public && auth.public_key_pem.is_empty() {
             problems.push(format!(
                 "auth.public_key_pem: routes need auth with {} but no public key file is set",
                 algorithm_names(auth.algorithms.iter().filter(|alg| !is_hmac(**alg)))
             ));
         }
-        // Load the keys exactly as start-up will, so `check-config` refuses
-        // what `serve` would (unreadable, not PEM, wrong family, private key).
-        let key_error = if problems.is_empty() {
-            crate::auth::Verifier::new(auth).err()
-        } else {
-            None
-        };
-        if let Some(err) = key_error {
-            problems.push(err.to_string());
-        }
+        // The key file itself is read by `gateway::compile`, as start-up
+        // and every reload do.
         problems
     }
 
@@ -1083,6 +1083,15 @@ service = "user"
         problems_with_vars(extra, &[])
     }
 
+    /// Problems found by the compile step, which reads the key files.
+    fn compile_problems(extra: &str) -> Vec<String> {
+        let settings = settings_with(extra).expect("the settings themselves are valid");
+        match crate::gateway::compile(&settings) {
+            Err(problems) => problems,
+            Ok(_) => panic!("expected compile problems"),
+        }
+    }
+
     fn problems_with_vars(extra: &str, vars: &[(&str, &str)]) -> Vec<String> {
         match settings_with_vars(extra, vars) {
             Err(ConfigError::Invalid(problems)) => problems,
@@ -1214,7 +1223,8 @@ service = "user"
         );
         let found = problems("auth = true\n[auth]\nalgorithms = [\"RS256\"]");
         assert!(found.iter().any(|l| l.starts_with("auth.public_key_pem:")), "{found:?}");
-        let found = problems("auth = true\n[auth]\nalgorithms = [\"RS256\"]\npublic_key_pem = \"/nonexistent.pem\"");
+        let found =
+            compile_problems("auth = true\n[auth]\nalgorithms = [\"RS256\"]\npublic_key_pem = \"/nonexistent.pem\"");
         assert!(
             found.iter().any(|l| l.starts_with("auth.public_key_pem: cannot read")),
             "{found:?}"
@@ -1398,7 +1408,7 @@ service = "user"
             ),
         ];
         for (algorithm, path, expected) in cases {
-            let found = problems(&format!(
+            let found = compile_problems(&format!(
                 "auth = true\n[auth]\nalgorithms = [\"{algorithm}\"]\npublic_key_pem = {path:?}"
             ));
             assert!(
@@ -1410,6 +1420,10 @@ service = "user"
             "auth = true\n[auth]\nalgorithms = [\"EdDSA\"]\npublic_key_pem = {:?}",
             ed25519.display().to_string()
         );
-        settings_with(&usable).expect("an Ed25519 public key serves EdDSA");
+        let settings = settings_with(&usable).unwrap();
+        assert!(
+            crate::gateway::compile(&settings).is_ok(),
+            "an Ed25519 public key serves EdDSA"
+        );
     }
 }

@@ -9,17 +9,14 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Addr};
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::HttpServer;
 
-use crate::actors::balancer::{shared_cursors, SharedCursors};
-use crate::actors::health::HealthChecker;
-use crate::actors::registry::{PassiveFailures, RegistryActor};
-use crate::gateway::{compile, Gateway, Runtime};
+use crate::actors::registry::RegistryActor;
+use crate::gateway::compile;
 use crate::middleware::connection_watch::watch_connection;
 use crate::proxy;
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::SharedLimits;
 use crate::settings::Settings;
 use crate::worker::Workers;
 
@@ -54,26 +51,20 @@ impl Application {
             source,
         })?;
         let address = listener.local_addr()?;
-        let Runtime {
-            gateway,
-            verifier,
-            limits,
-        } = compile(settings).map_err(|problems| StartupError::Config(problems.join("\n")))?;
-        let rate_limit = settings.rate_limit.clone();
-        // Fail here, not in a worker, if the backend cannot be set up.
-        RateLimiter::new(&rate_limit, &limits).map_err(StartupError::Config)?;
-        let actors = start_actors(&gateway, settings);
+        let runtime = compile(settings).map_err(|problems| StartupError::Config(problems.join("\n")))?;
         crate::metrics::install();
         crate::metrics::spawn_upkeep();
+        let (registry, deployment) = RegistryActor::start(
+            runtime,
+            settings.health.clone(),
+            settings.upstream.clone(),
+            settings.rate_limit.clone(),
+        );
+        crate::metrics::config_generation(deployment.generation);
         let workers = Arc::new(Workers {
-            gateway,
-            verifier,
-            rate_limit,
-            shared_limits: limits,
-            upstream: settings.upstream.clone(),
-            registry: actors.registry,
-            passive: actors.passive,
-            cursors: actors.cursors,
+            deployment,
+            shared_limits: SharedLimits::default(),
+            registry,
         });
         let server = with_server_options(HttpServer::new(move || workers.app()), settings)
             .listen(listener)?
@@ -92,25 +83,6 @@ impl Application {
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
-    }
-}
-
-/// The process-wide actors and what they share with the workers.
-struct Actors {
-    registry: Addr<RegistryActor>,
-    passive: Arc<PassiveFailures>,
-    cursors: SharedCursors,
-}
-
-/// Starts the registry and the health checker on the current arbiter.
-fn start_actors(gateway: &Gateway, settings: &Settings) -> Actors {
-    let passive = Arc::new(PassiveFailures::new(gateway, settings.health.passive_failures));
-    let registry = RegistryActor::new(gateway, &settings.health, passive.clone()).start();
-    HealthChecker::new(gateway, &settings.health, registry.clone()).start();
-    Actors {
-        registry,
-        passive,
-        cursors: shared_cursors(gateway.services.len()),
     }
 }
 

@@ -1,54 +1,51 @@
-//! `BalancerActor`: hands out round-robin targets over a service's healthy
-//! instances.
+//! `BalancerActor`: keeps one worker's round-robin targets and its view of
+//! the configuration in force.
 //!
-//! One balancer runs on each HTTP worker's own arbiter, so a request's
-//! `PickTarget` never crosses threads. The rotation must still hold for the
+//! One balancer runs on each HTTP worker's own arbiter, beside the requests
+//! it serves. The registry sends it every change of a service's healthy set
+//! and every new [`Deploy`]ment; it applies both to the worker's
+//! [`WorkerContext`] on the worker's own thread, so a request reads its
+//! targets and its configuration with no lock and no message round trip
+//! (`crate::worker::Snapshot::pick`). The rotation must still hold for the
 //! whole process, so the balancers share one atomic cursor per service: n
 //! sequential picks over k healthy instances give each n/k ± 1 whichever
-//! workers serve them. The registry pushes every change of a service's
-//! healthy set to each balancer.
+//! workers serve them.
 
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::{Actor, Context, Handler, Message};
 
-/// Which instance should serve the next request of `service`.
-/// `exclude` skips an instance that just failed (the one retry of SPEC §3).
-#[derive(Debug, Message)]
-#[rtype(result = "Option<usize>")]
-pub struct PickTarget {
-    pub service: usize,
-    pub exclude: Option<usize>,
-}
+use super::registry::Deployment;
+use crate::worker::WorkerContext;
 
-/// The registry's latest view of one service's healthy instances.
+/// The registry's latest view of one service's healthy instances, as
+/// positions in the deployment of `generation`.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub struct HealthySetChanged {
+    pub generation: u64,
     pub service: usize,
     pub healthy: Arc<[usize]>,
 }
 
-/// One cursor per service, shared by every worker's balancer.
-pub type SharedCursors = Arc<[AtomicUsize]>;
-
-pub fn shared_cursors(services: usize) -> SharedCursors {
-    (0..services).map(|_| AtomicUsize::new(0)).collect()
+/// The configuration in force and every service's healthy set in it.
+/// Answered once the worker serves it.
+#[derive(Clone, Message)]
+#[rtype(result = "()")]
+pub struct Deploy {
+    pub deployment: Arc<Deployment>,
+    pub healthy: Vec<Arc<[usize]>>,
 }
 
 pub struct BalancerActor {
-    /// Healthy instance indices per service.
-    healthy: Vec<Arc<[usize]>>,
-    cursors: SharedCursors,
+    worker: Rc<WorkerContext>,
 }
 
 impl BalancerActor {
-    /// `instance_counts[s]` instances of service `s`, all healthy until the
-    /// registry says otherwise (instances start healthy, SPEC §5).
-    pub fn new(instance_counts: &[usize], cursors: SharedCursors) -> Self {
-        let healthy = instance_counts.iter().map(|&count| (0..count).collect()).collect();
-        Self { healthy, cursors }
+    pub fn new(worker: Rc<WorkerContext>) -> Self {
+        Self { worker }
     }
 }
 
@@ -56,23 +53,19 @@ impl Actor for BalancerActor {
     type Context = Context<Self>;
 }
 
-impl Handler<PickTarget> for BalancerActor {
-    type Result = Option<usize>;
-
-    fn handle(&mut self, msg: PickTarget, _: &mut Context<Self>) -> Option<usize> {
-        let healthy = self.healthy.get(msg.service)?;
-        let cursor = self.cursors.get(msg.service)?;
-        pick_round_robin(healthy, cursor, msg.exclude)
-    }
-}
-
 impl Handler<HealthySetChanged> for BalancerActor {
     type Result = ();
 
     fn handle(&mut self, msg: HealthySetChanged, _: &mut Context<Self>) {
-        if let Some(slot) = self.healthy.get_mut(msg.service) {
-            *slot = msg.healthy;
-        }
+        self.worker.set_healthy(msg.generation, msg.service, msg.healthy);
+    }
+}
+
+impl Handler<Deploy> for BalancerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deploy, _: &mut Context<Self>) {
+        self.worker.deploy(&msg.deployment, msg.healthy);
     }
 }
 

@@ -1,4 +1,5 @@
-//! `RegistryActor`: owns every service's instances and their health.
+//! `RegistryActor`: owns every service's instances, their health, and the
+//! configuration in force.
 //!
 //! Health changes arrive from two sides: the `HealthChecker`'s active probes
 //! (`ReportProbe`) and the proxy's passive observations (`ReportPassiveFailure`,
@@ -7,25 +8,37 @@
 //! worker's balancer as the service's new healthy set. An instance starts
 //! healthy, and its first probe's result applies at once; the thresholds
 //! govern every change after that.
+//!
+//! A reload ([`Reconfigure`]) reconciles by identity, never by position: an
+//! instance is its service's name and its URL, so one whose URL is unchanged
+//! keeps its health, its failure streak and (in each worker) its pooled
+//! connections, and a service keeps its round-robin cursor. The registry
+//! then tells the health checker the new probe set and pushes the new
+//! [`Deployment`] to every worker's balancer, which swaps it in on its own
+//! thread; the reload is answered once every worker has.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use actix::{Actor, Context, Handler, Message, MessageResponse, Recipient};
+use actix::{
+    Actor, ActorFutureExt, Addr, AsyncContext, AtomicResponse, Context, Handler, Message, MessageResponse, WrapFuture,
+};
 use serde::Serialize;
 
-use super::balancer::HealthySetChanged;
-use crate::gateway::Gateway;
-use crate::settings::HealthSettings;
+use super::balancer::{BalancerActor, Deploy, HealthySetChanged};
+use super::health::{HealthChecker, ProbeSet, ProbeTarget};
+use crate::auth::Verifier;
+use crate::gateway::{Gateway, Runtime};
+use crate::settings::{HealthSettings, RateLimitSettings, UpstreamSettings};
 
 /// Result of one active probe of one instance.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct ReportProbe {
-    pub service: usize,
-    pub instance: usize,
+    pub service: Arc<str>,
+    pub url: Arc<str>,
     pub checked_at: SystemTime,
     pub elapsed: Duration,
     /// `Err` carries a short reason shown in `/health`.
@@ -36,16 +49,32 @@ pub struct ReportProbe {
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct ReportPassiveFailure {
-    pub service: usize,
-    pub instance: usize,
+    pub service: Arc<str>,
+    pub url: String,
     pub reason: String,
 }
 
-/// A worker's balancer asks to be told about healthy-set changes; it is sent
-/// the current sets at once.
+/// A worker's balancer asks for the configuration in force and to be told
+/// about every change; it is sent the current [`Deploy`] at once.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SubscribeBalancer(pub Recipient<HealthySetChanged>);
+pub struct SubscribeBalancer(pub Addr<BalancerActor>);
+
+/// A validated, compiled configuration to put in force. Answered with its
+/// generation once every worker serves it.
+#[derive(Message)]
+#[rtype(result = "u64")]
+pub struct Reconfigure {
+    pub runtime: Runtime,
+    pub health: HealthSettings,
+    pub upstream: UpstreamSettings,
+    pub rate_limit: RateLimitSettings,
+}
+
+/// A reload failed; the configuration in force stays.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ReloadFailed(pub String);
 
 /// The body of `GET /health`.
 #[derive(Debug, Message)]
@@ -57,6 +86,7 @@ pub struct HealthReport {
     /// `ok`, `degraded` or `down`.
     pub status: &'static str,
     pub services: BTreeMap<String, ServiceReport>,
+    pub config: ConfigReport,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,42 +106,62 @@ pub struct InstanceReport {
     pub error: Option<String>,
 }
 
-/// Consecutive proxying failures per instance, shared by every worker so the
-/// count is the process's, not one worker's. Only the crossing of the
+/// `/health`'s `config` block (SPEC §7).
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigReport {
+    /// 1 at start-up, +1 per successful reload.
+    pub generation: u64,
+    pub loaded_at: String,
+    /// The latest failed reload's message, until a later one succeeds.
+    pub last_reload_error: Option<String>,
+}
+
+/// One configuration generation as every worker builds its view of it: the
+/// compiled configuration, plus the state that outlives generations (each
+/// service's cursor, each instance's failure streak), placed beside the
+/// service and instance it belongs to. `services[s]` is `gateway.services[s]`.
+pub struct Deployment {
+    pub generation: u64,
+    pub gateway: Arc<Gateway>,
+    /// `None` when no route needs auth.
+    pub verifier: Option<Arc<Verifier>>,
+    pub upstream: UpstreamSettings,
+    pub rate_limit: RateLimitSettings,
+    pub passive_threshold: u32,
+    pub services: Vec<DeployedService>,
+}
+
+pub struct DeployedService {
+    /// Shared by every worker, so the rotation is the process's.
+    pub cursor: Arc<AtomicUsize>,
+    /// `instances[i]` is the service's instance `i`.
+    pub instances: Vec<Arc<PassiveFailures>>,
+}
+
+/// Consecutive proxying failures of one instance, shared by every worker so
+/// the count is the process's, not one worker's. Only the crossing of the
 /// threshold is sent to the registry; successes are a plain atomic store.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct PassiveFailures {
-    counters: Vec<Vec<AtomicU32>>,
-    threshold: u32,
+    count: AtomicU32,
 }
 
 impl PassiveFailures {
-    pub fn new(gateway: &Gateway, threshold: u32) -> Self {
-        let counters = gateway
-            .services
-            .iter()
-            .map(|service| service.instances.iter().map(|_| AtomicU32::new(0)).collect())
-            .collect();
-        Self { counters, threshold }
-    }
-
     /// True exactly once per streak: when this failure reaches the threshold.
-    pub fn record_failure(&self, service: usize, instance: usize) -> bool {
-        let count = self.counters[service][instance].fetch_add(1, Ordering::Relaxed) + 1;
-        count == self.threshold
+    pub fn record_failure(&self, threshold: u32) -> bool {
+        self.count.fetch_add(1, Ordering::Relaxed) + 1 == threshold
     }
 
-    pub fn record_success(&self, service: usize, instance: usize) {
-        let counter = &self.counters[service][instance];
+    pub fn record_success(&self) {
         // Read first: on the common path nothing failed, and a store would
         // make every worker contend for the cache line.
-        if counter.load(Ordering::Relaxed) != 0 {
-            counter.store(0, Ordering::Relaxed);
+        if self.count.load(Ordering::Relaxed) != 0 {
+            self.count.store(0, Ordering::Relaxed);
         }
     }
 
-    fn reset(&self, service: usize, instance: usize) {
-        self.counters[service][instance].store(0, Ordering::Relaxed);
+    fn reset(&self) {
+        self.count.store(0, Ordering::Relaxed);
     }
 }
 
@@ -205,56 +255,205 @@ impl InstanceHealth {
     }
 }
 
-struct ServiceHealth {
-    name: String,
-    instances: Vec<InstanceHealth>,
+/// What the registry keeps of one instance across reloads.
+struct InstanceState {
+    health: InstanceHealth,
+    failures: Arc<PassiveFailures>,
 }
 
-impl ServiceHealth {
+struct ServiceState {
+    name: Arc<str>,
+    cursor: Arc<AtomicUsize>,
+    /// In the order of the deployment's instances.
+    instances: Vec<InstanceState>,
+}
+
+impl ServiceState {
     fn healthy_set(&self) -> Arc<[usize]> {
         self.instances
             .iter()
             .enumerate()
-            .filter(|(_, instance)| instance.healthy)
+            .filter(|(_, instance)| instance.health.healthy)
             .map(|(index, _)| index)
             .collect()
+    }
+
+    fn position(&self, url: &str) -> Option<usize> {
+        self.instances.iter().position(|instance| instance.health.url == url)
     }
 }
 
 pub struct RegistryActor {
-    services: Vec<ServiceHealth>,
+    deployment: Arc<Deployment>,
+    loaded_at: SystemTime,
+    last_reload_error: Option<String>,
+    /// In the order of the deployment's services.
+    services: Vec<ServiceState>,
     thresholds: Thresholds,
-    passive: Arc<PassiveFailures>,
-    balancers: Vec<Recipient<HealthySetChanged>>,
+    balancers: Vec<Addr<BalancerActor>>,
+    checker: Option<Addr<HealthChecker>>,
+    health: HealthSettings,
 }
 
 impl RegistryActor {
-    pub fn new(gateway: &Gateway, health: &HealthSettings, passive: Arc<PassiveFailures>) -> Self {
-        let services = gateway
+    /// Starts the registry and its health checker on the current arbiter with
+    /// the start-up configuration (generation 1).
+    pub fn start(
+        runtime: Runtime,
+        health: HealthSettings,
+        upstream: UpstreamSettings,
+        rate_limit: RateLimitSettings,
+    ) -> (Addr<Self>, Arc<Deployment>) {
+        let mut registry = Self {
+            deployment: Arc::new(Deployment {
+                generation: 0,
+                gateway: runtime.gateway.clone(),
+                verifier: None,
+                upstream: upstream.clone(),
+                rate_limit: rate_limit.clone(),
+                passive_threshold: health.passive_failures,
+                services: Vec::new(),
+            }),
+            loaded_at: SystemTime::now(),
+            last_reload_error: None,
+            services: Vec::new(),
+            thresholds: Thresholds::of(&health),
+            balancers: Vec::new(),
+            checker: None,
+            health: health.clone(),
+        };
+        registry.reconcile(Reconfigure {
+            runtime,
+            health,
+            upstream,
+            rate_limit,
+        });
+        let deployment = registry.deployment.clone();
+        let address = Self::create(|ctx| {
+            let checker = HealthChecker::new(registry.probe_set(), ctx.address()).start();
+            registry.checker = Some(checker);
+            registry
+        });
+        (address, deployment)
+    }
+
+    /// Carries health, failure streaks and cursors over to `next` by service
+    /// name and instance URL, and makes it the deployment in force. Returns
+    /// the instances that are new (service, URL), to be probed at once.
+    fn reconcile(&mut self, next: Reconfigure) -> Vec<(Arc<str>, Arc<str>)> {
+        let Reconfigure {
+            runtime,
+            health,
+            upstream,
+            rate_limit,
+        } = next;
+        let mut previous: Vec<ServiceState> = std::mem::take(&mut self.services);
+        let mut added = Vec::new();
+        let mut services = Vec::with_capacity(runtime.gateway.services.len());
+        for service in &runtime.gateway.services {
+            let mut kept = previous
+                .iter()
+                .position(|state| state.name == service.name)
+                .map(|index| previous.swap_remove(index));
+            let instances = service
+                .instances
+                .iter()
+                .map(|instance| {
+                    let carried = kept.as_mut().and_then(|state| {
+                        let index = state.position(&instance.url)?;
+                        Some(state.instances.swap_remove(index))
+                    });
+                    carried.unwrap_or_else(|| {
+                        added.push((service.name.clone(), Arc::from(instance.url.as_str())));
+                        crate::metrics::upstream_health(&service.name, &instance.url, true);
+                        InstanceState {
+                            health: InstanceHealth::new(instance.url.clone()),
+                            failures: Arc::default(),
+                        }
+                    })
+                })
+                .collect();
+            services.push(ServiceState {
+                name: service.name.clone(),
+                cursor: kept.map_or_else(Arc::default, |state| state.cursor),
+                instances,
+            });
+        }
+        for removed in previous
+            .iter()
+            .flat_map(|service| service.instances.iter().map(move |i| (service, i)))
+        {
+            tracing::info!(service = %removed.0.name, instance = %removed.1.health.url, "instance removed");
+        }
+        self.services = services;
+        self.thresholds = Thresholds::of(&health);
+        self.deployment = Arc::new(Deployment {
+            generation: self.deployment.generation + 1,
+            gateway: runtime.gateway,
+            verifier: runtime.verifier,
+            upstream,
+            rate_limit,
+            passive_threshold: health.passive_failures,
+            services: self
+                .services
+                .iter()
+                .map(|service| DeployedService {
+                    cursor: service.cursor.clone(),
+                    instances: service
+                        .instances
+                        .iter()
+                        .map(|instance| instance.failures.clone())
+                        .collect(),
+                })
+                .collect(),
+        });
+        self.health = health;
+        self.loaded_at = SystemTime::now();
+        self.last_reload_error = None;
+        added
+    }
+
+    fn probe_set(&self) -> ProbeSet {
+        let targets = self
+            .deployment
+            .gateway
             .services
             .iter()
-            .map(|service| ServiceHealth {
-                name: service.name.to_string(),
-                instances: service
-                    .instances
-                    .iter()
-                    .map(|instance| InstanceHealth::new(instance.url.clone()))
-                    .collect(),
+            .flat_map(|service| {
+                service.instances.iter().map(|instance| ProbeTarget {
+                    service: service.name.clone(),
+                    url: Arc::from(instance.url.as_str()),
+                    probe_url: format!(
+                        "{}://{}{}{}",
+                        instance.scheme, instance.authority, instance.base_path, service.health_path
+                    ),
+                })
             })
             .collect();
-        Self {
-            services,
-            thresholds: Thresholds {
-                unhealthy: health.unhealthy_threshold,
-                healthy: health.healthy_threshold,
-            },
-            passive,
-            balancers: Vec::new(),
+        ProbeSet {
+            targets,
+            interval: Duration::from_millis(self.health.interval_ms),
+            timeout: Duration::from_millis(self.health.timeout_ms),
+            probe_now: Vec::new(),
         }
+    }
+
+    fn deploy_message(&self) -> Deploy {
+        Deploy {
+            deployment: self.deployment.clone(),
+            healthy: self.services.iter().map(ServiceState::healthy_set).collect(),
+        }
+    }
+
+    fn find(&mut self, service: &str, url: &str) -> Option<(usize, usize)> {
+        let service_index = self.services.iter().position(|state| &*state.name == service)?;
+        let instance_index = self.services[service_index].position(url)?;
+        Some((service_index, instance_index))
     }
 
     fn announce(&self, service: usize) {
         let message = HealthySetChanged {
+            generation: self.deployment.generation,
             service,
             healthy: self.services[service].healthy_set(),
         };
@@ -264,13 +463,14 @@ impl RegistryActor {
     }
 
     fn log_flip(&self, service: usize, instance: usize) {
-        let state = &self.services[service].instances[instance];
-        crate::metrics::upstream_health(&self.services[service].name, &state.url, state.healthy);
+        let name = &self.services[service].name;
+        let state = &self.services[service].instances[instance].health;
+        crate::metrics::upstream_health(name, &state.url, state.healthy);
         if state.healthy {
-            tracing::info!(service = %self.services[service].name, instance = %state.url, "instance is healthy again");
+            tracing::info!(service = %name, instance = %state.url, "instance is healthy again");
         } else {
             tracing::warn!(
-                service = %self.services[service].name,
+                service = %name,
                 instance = %state.url,
                 error = state.error.as_deref().unwrap_or(""),
                 "instance marked unhealthy"
@@ -279,36 +479,39 @@ impl RegistryActor {
     }
 }
 
-impl Actor for RegistryActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, _: &mut Context<Self>) {
-        for service in &self.services {
-            for instance in &service.instances {
-                crate::metrics::upstream_health(&service.name, &instance.url, instance.healthy);
-            }
+impl Thresholds {
+    fn of(health: &HealthSettings) -> Self {
+        Self {
+            unhealthy: health.unhealthy_threshold,
+            healthy: health.healthy_threshold,
         }
     }
+}
+
+impl Actor for RegistryActor {
+    type Context = Context<Self>;
 }
 
 impl Handler<ReportProbe> for RegistryActor {
     type Result = ();
 
     fn handle(&mut self, msg: ReportProbe, _: &mut Context<Self>) {
+        // A probe of an instance removed meanwhile finds nothing.
+        let Some((service, instance)) = self.find(&msg.service, &msg.url) else {
+            return;
+        };
         let thresholds = self.thresholds;
-        let Some(service) = self.services.get_mut(msg.service) else {
-            return;
-        };
-        let Some(state) = service.instances.get_mut(msg.instance) else {
-            return;
-        };
-        crate::metrics::probe_completed(&service.name, &state.url, msg.elapsed);
-        if state.record_probe(msg.checked_at, msg.elapsed, &msg.outcome, thresholds) {
-            if state.healthy {
-                self.passive.reset(msg.service, msg.instance);
+        let state = &mut self.services[service].instances[instance];
+        crate::metrics::probe_completed(&msg.service, &msg.url, msg.elapsed);
+        if state
+            .health
+            .record_probe(msg.checked_at, msg.elapsed, &msg.outcome, thresholds)
+        {
+            if state.health.healthy {
+                state.failures.reset();
             }
-            self.log_flip(msg.service, msg.instance);
-            self.announce(msg.service);
+            self.log_flip(service, instance);
+            self.announce(service);
         }
     }
 }
@@ -317,20 +520,17 @@ impl Handler<ReportPassiveFailure> for RegistryActor {
     type Result = ();
 
     fn handle(&mut self, msg: ReportPassiveFailure, _: &mut Context<Self>) {
-        let Some(state) = self
-            .services
-            .get_mut(msg.service)
-            .and_then(|service| service.instances.get_mut(msg.instance))
-        else {
+        let Some((service, instance)) = self.find(&msg.service, &msg.url) else {
             return;
         };
-        let was_healthy = state.record_passive_failure(format!("passive: {}", msg.reason));
+        let state = &mut self.services[service].instances[instance];
+        let was_healthy = state.health.record_passive_failure(format!("passive: {}", msg.reason));
         // Until a probe passes, the counter keeps counting but the threshold
         // is not crossed again; reset it so the next streak is detected.
-        self.passive.reset(msg.service, msg.instance);
+        state.failures.reset();
         if was_healthy {
-            self.log_flip(msg.service, msg.instance);
-            self.announce(msg.service);
+            self.log_flip(service, instance);
+            self.announce(service);
         }
     }
 }
@@ -339,13 +539,51 @@ impl Handler<SubscribeBalancer> for RegistryActor {
     type Result = ();
 
     fn handle(&mut self, msg: SubscribeBalancer, _: &mut Context<Self>) {
-        for (index, service) in self.services.iter().enumerate() {
-            msg.0.do_send(HealthySetChanged {
-                service: index,
-                healthy: service.healthy_set(),
-            });
-        }
+        msg.0.do_send(self.deploy_message());
         self.balancers.push(msg.0);
+    }
+}
+
+impl Handler<Reconfigure> for RegistryActor {
+    /// Atomic: no probe result or other reload is applied while the workers
+    /// are swapping, so what they are sent stays the registry's view.
+    type Result = AtomicResponse<Self, u64>;
+
+    fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) -> Self::Result {
+        let added = self.reconcile(msg);
+        let mut probe_set = self.probe_set();
+        probe_set.probe_now = added;
+        if let Some(checker) = &self.checker {
+            checker.do_send(probe_set);
+        }
+        let deploy = self.deploy_message();
+        let generation = self.deployment.generation;
+        let swaps: Vec<_> = self
+            .balancers
+            .iter()
+            .map(|balancer| balancer.send(deploy.clone()))
+            .collect();
+        AtomicResponse::new(Box::pin(
+            async move {
+                // A worker that has stopped (the server is shutting down)
+                // has nothing left to swap.
+                futures_util::future::join_all(swaps).await;
+            }
+            .into_actor(self)
+            .map(move |(), registry, _| {
+                registry.balancers.retain(|balancer| balancer.connected());
+                crate::metrics::config_generation(generation);
+                generation
+            }),
+        ))
+    }
+}
+
+impl Handler<ReloadFailed> for RegistryActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReloadFailed, _: &mut Context<Self>) {
+        self.last_reload_error = Some(msg.0);
     }
 }
 
@@ -356,13 +594,17 @@ impl Handler<GetHealthReport> for RegistryActor {
         let mut services = BTreeMap::new();
         let mut with_healthy = 0;
         for service in &self.services {
-            let any_healthy = service.instances.iter().any(|instance| instance.healthy);
+            let any_healthy = service.instances.iter().any(|instance| instance.health.healthy);
             with_healthy += usize::from(any_healthy);
             services.insert(
-                service.name.clone(),
+                service.name.to_string(),
                 ServiceReport {
                     status: if any_healthy { "healthy" } else { "unhealthy" },
-                    instances: service.instances.iter().map(InstanceHealth::report).collect(),
+                    instances: service
+                        .instances
+                        .iter()
+                        .map(|instance| instance.health.report())
+                        .collect(),
                 },
             );
         }
@@ -373,7 +615,15 @@ impl Handler<GetHealthReport> for RegistryActor {
         } else {
             "degraded"
         };
-        HealthReport { status, services }
+        HealthReport {
+            status,
+            services,
+            config: ConfigReport {
+                generation: self.deployment.generation,
+                loaded_at: humantime::format_rfc3339_seconds(self.loaded_at).to_string(),
+                last_reload_error: self.last_reload_error.clone(),
+            },
+        }
     }
 }
 

@@ -7,12 +7,11 @@
 //!
 //! Tokens are read from the `Authorization` header only, never from the query
 //! string or cookies. Each worker remembers the tokens it has verified until
-//! they expire ([`TokenCache`]), so a client's repeated token only has its
+//! they expire ([`crate::auth::TokenCache`], kept across reloads that keep the keys), so a client's repeated token only has its
 //! `exp` and `nbf` checked again.
 
 use std::future::{ready, Ready};
 use std::rc::Rc;
-use std::sync::Arc;
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
@@ -21,7 +20,7 @@ use actix_web::{Error, HttpMessage};
 use actix_web_httpauth::headers::authorization::Bearer;
 use futures_util::future::Either;
 
-use crate::auth::{Identity, TokenCache, Verifier};
+use crate::auth::Identity;
 use crate::error::GatewayError;
 use crate::middleware::route_match::Routed;
 use crate::middleware::{passthrough, Passthrough};
@@ -36,24 +35,29 @@ pub fn bearer_token(value: &HeaderValue) -> Option<Bearer> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Bearer::new(token.to_owned()))
 }
 
-fn authenticate(
-    req: &ServiceRequest,
-    verifier: &Verifier,
-    tokens: &TokenCache,
-) -> Result<Option<Identity>, GatewayError> {
+/// Checks the token of a request routed to a route that needs auth, with
+/// the verifier and token cache of the configuration the request uses.
+fn authenticate(req: &ServiceRequest) -> Result<Option<Identity>, GatewayError> {
     let extensions = req.extensions();
-    let Some(route) = extensions.get::<Routed>().and_then(Routed::route) else {
+    let Some(routed) = extensions.get::<Routed>() else {
         return Ok(None);
     };
-    if !route.auth {
+    let Some(route) = routed.route().filter(|route| route.auth) else {
         return Ok(None);
-    }
+    };
+    let verifier = routed
+        .snapshot
+        .verifier
+        .as_deref()
+        .ok_or_else(|| GatewayError::Internal("a route needs auth but no keys are loaded".to_owned()))?;
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(bearer_token)
         .ok_or(GatewayError::TokenRequired)?;
-    let identity = tokens
+    let identity = routed
+        .snapshot
+        .tokens
         .verify(verifier, token.token())
         .map_err(|err| GatewayError::InvalidToken(err.to_string()))?;
     if !identity.has_any_role(&route.roles) {
@@ -62,16 +66,8 @@ fn authenticate(
     Ok(Some(identity))
 }
 
-pub struct Authentication {
-    verifier: Option<Arc<Verifier>>,
-}
-
-impl Authentication {
-    /// `None` when no route needs auth (no keys were loaded).
-    pub fn new(verifier: Option<Arc<Verifier>>) -> Self {
-        Self { verifier }
-    }
-}
+/// Step 5; the keys and the token cache come with each request's snapshot.
+pub struct Authentication;
 
 impl<S, B> Transform<S, ServiceRequest> for Authentication
 where
@@ -87,17 +83,12 @@ where
     fn new_transform(&self, service: S) -> Self::Future {
         ready(Ok(AuthenticationService {
             service: Rc::new(service),
-            verifier: self.verifier.clone(),
-            tokens: TokenCache::default(),
         }))
     }
 }
 
 pub struct AuthenticationService<S> {
     service: Rc<S>,
-    verifier: Option<Arc<Verifier>>,
-    /// This worker's verified tokens.
-    tokens: TokenCache,
 }
 
 impl<S, B> Service<ServiceRequest> for AuthenticationService<S>
@@ -112,11 +103,7 @@ where
     actix_web::dev::forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
-        let outcome = match &self.verifier {
-            Some(verifier) => authenticate(&req, verifier, &self.tokens),
-            None => Ok(None),
-        };
-        match outcome {
+        match authenticate(&req) {
             Ok(identity) => {
                 if let Some(identity) = identity {
                     req.extensions_mut().insert(identity);

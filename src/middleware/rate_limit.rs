@@ -14,7 +14,6 @@
 use std::future::{ready, Ready};
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
@@ -27,8 +26,9 @@ use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::middleware::route_match::{Routed, Target};
 use crate::middleware::{passthrough, Passthrough};
-use crate::ratelimit::{PolicyState, RateLimiter};
+use crate::ratelimit::PolicyState;
 use crate::settings::PolicyKey;
+use crate::worker::Snapshot;
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
@@ -68,17 +68,18 @@ fn forwarded_address(entry: &str) -> Option<IpAddr> {
         .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|addr| addr.ip()))
 }
 
-/// The policies this stage counts for this request.
-fn policies_for(req: &ServiceRequest, gateway: &Gateway, stage: Stage) -> Vec<usize> {
+/// The policies this stage counts for this request (indices into the
+/// request's snapshot's policies).
+fn policies_for(routed: &Routed, stage: Stage) -> Vec<usize> {
     let key = match stage {
         Stage::Address => PolicyKey::Ip,
         Stage::User => PolicyKey::User,
     };
-    let extensions = req.extensions();
-    match extensions.get::<Routed>().map(|routed| &routed.target) {
-        Some(Target::Route(route)) => gateway.policies_for(route.rate_limit, key),
-        Some(Target::NotFound | Target::MethodNotAllowed(_)) => gateway.policies_for(None, key),
-        Some(Target::Health | Target::Metrics) | None => Vec::new(),
+    let gateway = &routed.snapshot.gateway;
+    match &routed.target {
+        Target::Route(route) => gateway.policies_for(route.rate_limit, key),
+        Target::NotFound | Target::MethodNotAllowed(_) => gateway.policies_for(None, key),
+        Target::Health | Target::Metrics => Vec::new(),
     }
 }
 
@@ -91,26 +92,21 @@ fn client_key(req: &ServiceRequest, gateway: &Gateway, stage: Stage) -> String {
     client_address(req, gateway).map_or_else(|| "unknown".to_owned(), |ip| ip.to_string())
 }
 
-fn set_headers(headers: &mut HeaderMap, state: PolicyState, limiter: &RateLimiter) {
-    headers.insert(RATELIMIT_POLICY, limiter.policy(state.policy).header.clone());
+fn set_headers(headers: &mut HeaderMap, state: PolicyState, gateway: &Gateway) {
+    headers.insert(RATELIMIT_POLICY, gateway.policies[state.policy].header.clone());
     headers.insert(RATELIMIT_LIMIT, HeaderValue::from(state.limit));
     headers.insert(RATELIMIT_REMAINING, HeaderValue::from(state.remaining));
     headers.insert(RATELIMIT_RESET, HeaderValue::from(state.reset_s));
 }
 
+/// Reads the policies and the limiter from each request's snapshot.
 pub struct RateLimit {
     stage: Stage,
-    gateway: Arc<Gateway>,
-    limiter: Rc<RateLimiter>,
 }
 
 impl RateLimit {
-    pub fn new(stage: Stage, gateway: Arc<Gateway>, limiter: Rc<RateLimiter>) -> Self {
-        Self {
-            stage,
-            gateway,
-            limiter,
-        }
+    pub fn new(stage: Stage) -> Self {
+        Self { stage }
     }
 }
 
@@ -129,8 +125,6 @@ where
         ready(Ok(RateLimitService {
             service: Rc::new(service),
             stage: self.stage,
-            gateway: self.gateway.clone(),
-            limiter: self.limiter.clone(),
         }))
     }
 }
@@ -138,8 +132,6 @@ where
 pub struct RateLimitService<S> {
     service: Rc<S>,
     stage: Stage,
-    gateway: Arc<Gateway>,
-    limiter: Rc<RateLimiter>,
 }
 
 impl<S, B> Service<ServiceRequest> for RateLimitService<S>
@@ -154,20 +146,23 @@ where
     actix_web::dev::forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
-        let policies = policies_for(&req, &self.gateway, self.stage);
         let stage = self.stage;
-        // The address stage writes the headers for what the user stage counts.
-        let counted_later = stage == Stage::Address && !policies_for(&req, &self.gateway, Stage::User).is_empty();
-        if policies.is_empty() && !counted_later {
+        let counted = req.extensions().get::<Routed>().and_then(|routed| {
+            let policies = policies_for(routed, stage);
+            // The address stage writes the headers for what the user stage counts.
+            let counted_later = stage == Stage::Address && !policies_for(routed, Stage::User).is_empty();
+            (!policies.is_empty() || counted_later).then(|| (routed.snapshot.clone(), policies))
+        });
+        let Some((snapshot, policies)) = counted else {
             return Either::Left(passthrough(self.service.call(req)));
-        }
+        };
         let service = self.service.clone();
-        let limiter = self.limiter.clone();
-        let key = (!policies.is_empty()).then(|| client_key(&req, &self.gateway, stage));
+        let key = (!policies.is_empty()).then(|| client_key(&req, &snapshot.gateway, stage));
         Either::Right(Box::pin(async move {
+            let Snapshot { gateway, limiter, .. } = &*snapshot;
             let verdict = match &key {
                 None => None,
-                Some(key) => match limiter.check(key, &policies).await {
+                Some(key) => match limiter.check(key, &gateway.policies, &policies).await {
                     Ok(verdict) => verdict,
                     Err(error) => return Ok(req.error_response(error).map_into_right_body()),
                 },
@@ -179,16 +174,16 @@ where
                     req.extensions_mut().insert(LimitState(merged));
                 }
                 if let (false, Some(refusing)) = (verdict.admitted, verdict.refusing()) {
-                    let policy = limiter.policy(refusing.policy);
+                    let policy = &gateway.policies[refusing.policy];
                     crate::metrics::rate_limited(&policy.name);
                     let error = GatewayError::RateLimited {
-                        policy: policy.name.clone(),
+                        policy: policy.name.to_string(),
                         message: policy.message.clone(),
                         retry_after: refusing.reset_s,
                     };
                     let mut response = req.error_response(error);
                     if stage == Stage::Address {
-                        set_headers(response.headers_mut(), refusing, &limiter);
+                        set_headers(response.headers_mut(), refusing, gateway);
                     }
                     return Ok(response.map_into_right_body());
                 }
@@ -197,7 +192,7 @@ where
             if stage == Stage::Address {
                 let state = response.request().extensions().get::<LimitState>().copied();
                 if let Some(LimitState(state)) = state {
-                    set_headers(response.headers_mut(), state, &limiter);
+                    set_headers(response.headers_mut(), state, gateway);
                 }
             }
             Ok(response.map_into_left_body())

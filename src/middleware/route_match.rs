@@ -23,6 +23,7 @@ use crate::routing::{
     normalize_path, normalize_path_keeping_encoded_slashes, request_host, InvalidPath, Route, RouteMatch,
     ALLOW_OF_AN_OPEN_ROUTE,
 };
+use crate::worker::{Snapshot, WorkerContext};
 
 /// What a request is for, decided once.
 #[derive(Debug, Clone)]
@@ -34,12 +35,14 @@ pub enum Target {
     MethodNotAllowed(HeaderValue),
 }
 
-/// The normalized path and the request's target.
-#[derive(Debug, Clone)]
+/// The normalized path, the request's target, and the configuration the
+/// request uses from start to end.
+#[derive(Clone)]
 pub struct Routed {
     /// `None` when the raw path was already normal.
     normalized: Option<String>,
     pub target: Target,
+    pub snapshot: Rc<Snapshot>,
 }
 
 impl Routed {
@@ -82,7 +85,8 @@ fn declared_length(req: &ServiceRequest) -> Option<u64> {
         .and_then(|text| text.parse().ok())
 }
 
-fn classify(req: &ServiceRequest, gateway: &Gateway) -> Result<Routed, GatewayError> {
+fn classify(req: &ServiceRequest, snapshot: Rc<Snapshot>) -> Result<Routed, GatewayError> {
+    let gateway: &Gateway = &snapshot.gateway;
     let request_line = request_line_size(req);
     if request_line > gateway.max_header_bytes {
         return Err(GatewayError::UriTooLong);
@@ -109,6 +113,7 @@ fn classify(req: &ServiceRequest, gateway: &Gateway) -> Result<Routed, GatewayEr
             return Ok(Routed {
                 normalized: None,
                 target: Target::MethodNotAllowed(ALLOW_OF_AN_OPEN_ROUTE),
+                snapshot,
             });
         }
         Err(err) => return Err(refuse_path(err)),
@@ -131,22 +136,24 @@ fn classify(req: &ServiceRequest, gateway: &Gateway) -> Result<Routed, GatewayEr
     if let Target::Route(route) = &target {
         tracing::Span::current().record("route", &*route.name);
     }
+    let normalized = match normalized {
+        std::borrow::Cow::Borrowed(_) => None,
+        std::borrow::Cow::Owned(path) => Some(path),
+    };
     Ok(Routed {
-        normalized: match normalized {
-            std::borrow::Cow::Borrowed(_) => None,
-            std::borrow::Cow::Owned(path) => Some(path),
-        },
+        normalized,
         target,
+        snapshot,
     })
 }
 
 pub struct RouteMatcher {
-    gateway: Arc<Gateway>,
+    worker: Rc<WorkerContext>,
 }
 
 impl RouteMatcher {
-    pub fn new(gateway: Arc<Gateway>) -> Self {
-        Self { gateway }
+    pub fn new(worker: Rc<WorkerContext>) -> Self {
+        Self { worker }
     }
 }
 
@@ -164,14 +171,14 @@ where
     fn new_transform(&self, service: S) -> Self::Future {
         ready(Ok(RouteMatcherService {
             service: Rc::new(service),
-            gateway: self.gateway.clone(),
+            worker: self.worker.clone(),
         }))
     }
 }
 
 pub struct RouteMatcherService<S> {
     service: Rc<S>,
-    gateway: Arc<Gateway>,
+    worker: Rc<WorkerContext>,
 }
 
 impl<S, B> Service<ServiceRequest> for RouteMatcherService<S>
@@ -186,7 +193,7 @@ where
     actix_web::dev::forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
-        match classify(&req, &self.gateway) {
+        match classify(&req, self.worker.snapshot()) {
             Ok(routed) => {
                 req.extensions_mut().insert(routed);
                 Either::Left(passthrough(self.service.call(req)))

@@ -62,11 +62,9 @@ fn secure(map: &mut HeaderMap, helmet: bool) {
     }
 }
 
-pub struct SecurityHeaders {
-    /// Some route turns the headers off, so responses must be checked for
-    /// their route; otherwise no response needs the lookup.
-    pub some_route_opts_out: bool,
-}
+/// Adds the headers to every response unless its request was routed, on the
+/// configuration it used, to a route with `security_headers = false`.
+pub struct SecurityHeaders;
 
 impl<S, B> Transform<S, ServiceRequest> for SecurityHeaders
 where
@@ -80,16 +78,12 @@ where
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        ready(Ok(SecurityHeadersService {
-            service,
-            some_route_opts_out: self.some_route_opts_out,
-        }))
+        ready(Ok(SecurityHeadersService { service }))
     }
 }
 
 pub struct SecurityHeadersService<S> {
     service: S,
-    some_route_opts_out: bool,
 }
 
 impl<S, B> Service<ServiceRequest> for SecurityHeadersService<S>
@@ -106,7 +100,6 @@ where
     fn call(&self, req: ServiceRequest) -> Self::Future {
         Secured {
             response: self.service.call(req),
-            check_route: self.some_route_opts_out,
         }
     }
 }
@@ -117,7 +110,6 @@ pin_project_lite::pin_project! {
     pub struct Secured<F> {
         #[pin]
         response: F,
-        check_route: bool,
     }
 }
 
@@ -130,13 +122,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = std::task::ready!(this.response.poll(cx))?;
-        let helmet = !*this.check_route
-            || response
-                .request()
-                .extensions()
-                .get::<Routed>()
-                .and_then(Routed::route)
-                .is_none_or(|route| route.security_headers);
+        let helmet = response.request().extensions().get::<Routed>().is_none_or(|routed| {
+            !routed.snapshot.gateway.any_route_drops_security_headers
+                || routed.route().is_none_or(|route| route.security_headers)
+        });
         secure(response.headers_mut(), helmet);
         Poll::Ready(Ok(response))
     }

@@ -12,7 +12,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::{verdict_from_counts, Policy, Verdict};
@@ -23,8 +23,9 @@ pub const SWEEP_EVERY: u64 = 1024;
 
 #[derive(Default)]
 struct Shard {
-    /// Client → one log per policy index.
-    clients: HashMap<String, Vec<(usize, Log)>>,
+    /// Client → one log per policy, by name: a reload that keeps a policy's
+    /// name keeps its log.
+    clients: HashMap<String, Vec<(Arc<str>, Log)>>,
 }
 
 impl Shard {
@@ -40,6 +41,8 @@ impl Shard {
 }
 
 struct Log {
+    /// The policy's window as of its latest decision (a reload may change
+    /// it; the new one applies to the admissions already logged).
     window_us: u64,
     admissions: VecDeque<u64>,
 }
@@ -110,12 +113,12 @@ impl MemoryStore {
 
         let mut positions = Vec::with_capacity(policies.len());
         let mut counts = Vec::with_capacity(policies.len());
-        for (index, policy) in policies {
-            let position = match logs.iter().position(|(held, _)| held == index) {
+        for (_, policy) in policies {
+            let position = match logs.iter().position(|(held, _)| **held == *policy.name) {
                 Some(position) => position,
                 None => {
                     logs.push((
-                        *index,
+                        policy.name.clone(),
                         Log {
                             window_us: policy.window_us(),
                             admissions: VecDeque::new(),
@@ -125,6 +128,7 @@ impl MemoryStore {
                 }
             };
             let log = &mut logs[position].1;
+            log.window_us = policy.window_us();
             log.prune(now_us);
             positions.push(position);
             counts.push(log.admissions.len() as u64);
@@ -147,6 +151,18 @@ impl MemoryStore {
             shard.clients.remove(client);
         }
         verdict_from_counts(policies, admitted, now_us, &counts, &oldest)
+    }
+
+    /// Drops the logs of every policy not named in `kept` (a reload removed
+    /// them), so a policy added back later under the same name starts empty.
+    pub fn retain_policies(&self, kept: &[&str]) {
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            shard.clients.retain(|_, logs| {
+                logs.retain(|(name, _)| kept.contains(&&**name));
+                !logs.is_empty()
+            });
+        }
     }
 
     /// Clients with admissions held, across shards.

@@ -27,7 +27,8 @@ use crate::settings::{BackendErrorMode, PolicyKey, RateLimitBackend, RateLimitSe
 /// One configured policy, compiled once.
 #[derive(Debug)]
 pub struct Policy {
-    pub name: String,
+    /// What counts carry over by: a reload that keeps the name keeps the counts.
+    pub name: Arc<str>,
     pub window: Duration,
     pub max: u64,
     pub key: PolicyKey,
@@ -39,7 +40,7 @@ pub struct Policy {
 impl Policy {
     pub fn new(name: &str, window_s: u64, max: u64, key: PolicyKey, message: &str) -> Self {
         Self {
-            name: name.to_owned(),
+            name: name.into(),
             window: Duration::from_secs(window_s),
             max,
             key,
@@ -56,7 +57,7 @@ impl Policy {
 /// Where one policy stands for one key after a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PolicyState {
-    /// Index into the gateway's policies.
+    /// Index into the policies of the request's snapshot.
     pub policy: usize,
     pub limit: u64,
     pub remaining: u64,
@@ -136,9 +137,9 @@ pub fn redis_key(prefix: &str, client: &str, policy: &str) -> String {
 }
 
 /// Counts requests; one per worker (its Redis pool is the worker's), sharing
-/// the in-process store and the outage flag with every other worker.
+/// the in-process store and the outage flag with every other worker. The
+/// policies come with each request, from the configuration it uses.
 pub struct RateLimiter {
-    policies: Arc<[Policy]>,
     store: Store,
     /// In-process log: the memory backend, or the `local` fallback.
     local: Arc<memory::MemoryStore>,
@@ -152,22 +153,12 @@ enum Store {
     Redis(redis::RedisStore),
 }
 
-/// State shared by every worker's limiter.
-#[derive(Clone)]
+/// State shared by every worker's limiter, kept for the process's lifetime
+/// (reloads included).
+#[derive(Clone, Default)]
 pub struct SharedLimits {
-    pub policies: Arc<[Policy]>,
     pub local: Arc<memory::MemoryStore>,
     pub outage: Arc<AtomicBool>,
-}
-
-impl SharedLimits {
-    pub fn new(policies: Arc<[Policy]>) -> Self {
-        Self {
-            policies,
-            local: Arc::new(memory::MemoryStore::new()),
-            outage: Arc::new(AtomicBool::new(false)),
-        }
-    }
 }
 
 impl RateLimiter {
@@ -180,7 +171,6 @@ impl RateLimiter {
             RateLimitBackend::Redis => Store::Redis(redis::RedisStore::new(settings)?),
         };
         Ok(Self {
-            policies: shared.policies.clone(),
             store,
             local: shared.local.clone(),
             on_backend_error: settings.on_backend_error,
@@ -188,15 +178,17 @@ impl RateLimiter {
         })
     }
 
-    pub fn policy(&self, index: usize) -> &Policy {
-        &self.policies[index]
-    }
-
-    /// Counts one request of `client` against `policies` (indices), all or
-    /// nothing. `Ok(None)` means the request is admitted without counting
-    /// (`on_backend_error = "allow"` during an outage).
-    pub async fn check(&self, client: &str, policies: &[usize]) -> Result<Option<Verdict>, GatewayError> {
-        let selected: Vec<(usize, &Policy)> = policies.iter().map(|&index| (index, &self.policies[index])).collect();
+    /// Counts one request of `client` against the policies at `selected`
+    /// in `policies`, all or nothing. `Ok(None)` means the request is
+    /// admitted without counting (`on_backend_error = "allow"` during an
+    /// outage).
+    pub async fn check(
+        &self,
+        client: &str,
+        policies: &[Policy],
+        selected: &[usize],
+    ) -> Result<Option<Verdict>, GatewayError> {
+        let selected: Vec<(usize, &Policy)> = selected.iter().map(|&index| (index, &policies[index])).collect();
         let redis = match &self.store {
             Store::Memory => return Ok(Some(self.local.check(client, &selected))),
             Store::Redis(redis) => redis,

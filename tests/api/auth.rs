@@ -1005,12 +1005,17 @@ fn load(toml: &str) -> Result<Settings, ConfigError> {
     })
 }
 
-/// The validation problems of `toml`; panics when it loads.
+/// The problems `serve` and `check-config` refuse `toml` with: validation's,
+/// or, for valid settings, the compile step's (which reads the key files);
+/// panics when it would start.
 fn problems(toml: &str) -> Vec<String> {
     match load(toml) {
         Err(ConfigError::Invalid(problems)) => problems,
         Err(other) => panic!("expected validation problems, got {other}"),
-        Ok(_) => panic!("expected the configuration to be refused:\n{toml}"),
+        Ok(settings) => match gatehouse::gateway::compile(&settings) {
+            Err(problems) => problems,
+            Ok(_) => panic!("expected the configuration to be refused:\n{toml}"),
+        },
     }
 }
 

@@ -108,10 +108,16 @@ fn keys(value: &Value) -> Vec<&str> {
 }
 
 /// `{"status", "services": {name: {"status", "instances": [{url, healthy,
-/// response_time_ms, last_check, consecutive_failures, error}]}}}`, with
-/// statuses that agree with the instances' flags.
+/// response_time_ms, last_check, consecutive_failures, error}]}}, "config":
+/// {generation, loaded_at, last_reload_error}}`, with statuses that agree
+/// with the instances' flags.
 fn assert_health_shape(report: &Value) {
-    assert_eq!(keys(report), ["services", "status"], "{report}");
+    assert_eq!(keys(report), ["config", "services", "status"], "{report}");
+    assert_eq!(
+        keys(&report["config"]),
+        ["generation", "last_reload_error", "loaded_at"],
+        "{report}"
+    );
     let services = report["services"].as_object().expect("services is a map");
     let mut with_healthy = 0;
     for (name, service) in services {
