@@ -9,7 +9,8 @@
 //! - [`worker`]'s dispatch handler answers the gateway's own [`endpoints`]
 //!   or hands the request to [`proxy`], which asks this worker's
 //!   [`actors::balancer`] for an instance and forwards with awc.
-//! - [`startup`] binds, starts the actors and the workers.
+//! - [`startup`] binds, starts the actors and the workers; [`reload`] puts
+//!   a new configuration in force on SIGHUP or a file change.
 //! - [`error`] maps every refusal to the spec's JSON bodies.
 //!
 //! State that changes while running lives in [`actors`]: the registry owns
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod routing;
 pub mod settings;
 pub mod startup;

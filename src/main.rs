@@ -46,7 +46,7 @@ fn main() -> ExitCode {
         },
         Command::Serve => {
             let _flush_logs_on_exit = telemetry::init();
-            match actix_web::rt::System::new().block_on(startup::run(settings)) {
+            match actix_web::rt::System::new().block_on(startup::run(settings, sources)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!(%err, "gatehouse cannot start");

@@ -62,6 +62,8 @@ pub struct ServerSettings {
     pub shutdown_timeout_s: u64,
     #[serde(deserialize_with = "list_or_csv")]
     pub trusted_proxies: Vec<IpNet>,
+    /// Reload when a settings file changes, as well as on SIGHUP (SPEC §7).
+    pub watch_config: bool,
 }
 
 impl Default for ServerSettings {
@@ -74,6 +76,7 @@ impl Default for ServerSettings {
             client_request_timeout_ms: 5000,
             shutdown_timeout_s: 30,
             trusted_proxies: Vec::new(),
+            watch_config: false,
         }
     }
 }
@@ -432,6 +435,19 @@ pub struct Sources {
 }
 
 impl Sources {
+    /// The files of the layers, in order, whether or not each exists: what
+    /// a reload reads again and what `server.watch_config` watches.
+    pub fn layer_files(&self) -> Vec<PathBuf> {
+        let dir = &self.settings_dir;
+        let mut files = vec![
+            dir.join("default.toml"),
+            dir.join(format!("{}.toml", self.environment)),
+            dir.join("local.toml"),
+        ];
+        files.extend(self.config_file.clone());
+        files
+    }
+
     pub fn from_process(config_file: Option<PathBuf>) -> Self {
         let vars: HashMap<String, String> = std::env::vars().collect();
         Self {

@@ -17,7 +17,8 @@ use crate::gateway::compile;
 use crate::middleware::connection_watch::watch_connection;
 use crate::proxy;
 use crate::ratelimit::SharedLimits;
-use crate::settings::Settings;
+use crate::reload::{Cause, Reload, ReloadHandle, Reloader};
+use crate::settings::{Settings, Sources};
 use crate::worker::Workers;
 
 /// Idle keep-alive connections from clients are closed after this long.
@@ -26,6 +27,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 pub struct Application {
     server: Server,
     address: SocketAddr,
+    reloader: ReloadHandle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,10 +44,11 @@ pub enum StartupError {
 }
 
 impl Application {
-    /// Binds, compiles the configuration, starts the registry and health
-    /// checker on the current arbiter, and starts the workers. Must be called
-    /// inside an actix `System`.
-    pub fn build(settings: &Settings) -> Result<Self, StartupError> {
+    /// Binds, compiles the configuration, starts the registry, the health
+    /// checker and the reloader on the current arbiter, and starts the
+    /// workers. `settings` were loaded from `sources`, which reloads read
+    /// again. Must be called inside an actix `System`.
+    pub fn build(settings: &Settings, sources: Sources) -> Result<Self, StartupError> {
         let listener = TcpListener::bind(settings.server.listen).map_err(|source| StartupError::Bind {
             address: settings.server.listen,
             source,
@@ -61,16 +64,28 @@ impl Application {
             settings.rate_limit.clone(),
         );
         crate::metrics::config_generation(deployment.generation);
+        let shared_limits = SharedLimits::default();
+        let reloader = Reloader::start(
+            sources,
+            settings.clone(),
+            deployment.verifier.clone(),
+            registry.clone(),
+            shared_limits.clone(),
+        );
         let workers = Arc::new(Workers {
             deployment,
-            shared_limits: SharedLimits::default(),
+            shared_limits,
             registry,
         });
         let server = with_server_options(HttpServer::new(move || workers.app()), settings)
             .listen(listener)?
             .run();
         tracing::info!(%address, "gatehouse listening");
-        Ok(Self { server, address })
+        Ok(Self {
+            server,
+            address,
+            reloader,
+        })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -79,6 +94,11 @@ impl Application {
 
     pub fn handle(&self) -> ServerHandle {
         self.server.handle()
+    }
+
+    /// Reloads the configuration as SIGHUP does.
+    pub fn reloader(&self) -> ReloadHandle {
+        self.reloader.clone()
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
@@ -127,12 +147,15 @@ fn head_timeout(configured_ms: u64) -> Duration {
 }
 
 /// Serves until SIGTERM or SIGINT, then drains in-flight requests for up to
-/// `server.shutdown_timeout_s`.
-pub async fn run(settings: Settings) -> Result<(), StartupError> {
+/// `server.shutdown_timeout_s`; reloads on SIGHUP.
+pub async fn run(settings: Settings, sources: Sources) -> Result<(), StartupError> {
     if settings.uses_dev_secret() {
         tracing::warn!("auth.jwt_secret is the shipped development secret: never use it in production");
     }
-    let application = Application::build(&settings)?;
+    // Before listening: a SIGHUP's default action is to end the process.
+    let hangups = hangup_signals();
+    let application = Application::build(&settings, sources)?;
+    reload_on_hangup(hangups, application.reloader());
     let handle = application.handle();
     actix_rt::spawn(async move {
         wait_for_shutdown_signal().await;
@@ -142,6 +165,37 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
     application.run_until_stopped().await?;
     tracing::info!("gatehouse stopped");
     Ok(())
+}
+
+#[cfg(unix)]
+type HangupSignals = Option<actix_rt::signal::unix::Signal>;
+#[cfg(not(unix))]
+type HangupSignals = ();
+
+/// Takes over SIGHUP from now on.
+fn hangup_signals() -> HangupSignals {
+    #[cfg(unix)]
+    {
+        use actix_rt::signal::unix::{signal, SignalKind};
+        signal(SignalKind::hangup())
+            .map_err(|err| tracing::error!(%err, "cannot listen for SIGHUP; reloads need server.watch_config"))
+            .ok()
+    }
+}
+
+/// Every SIGHUP reloads the configuration (the reloader logs the outcome).
+fn reload_on_hangup(hangups: HangupSignals, reloader: ReloadHandle) {
+    #[cfg(unix)]
+    if let Some(mut hangups) = hangups {
+        actix_rt::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP received; reloading the configuration");
+                let _ = reloader.send(Reload(Cause::Signal)).await;
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (hangups, reloader);
 }
 
 async fn wait_for_shutdown_signal() {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,7 @@ use actix_web::dev::ServerHandle;
 use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use futures_util::StreamExt;
+use gatehouse::reload::ReloadHandle;
 use gatehouse::settings::{Settings, Sources};
 use gatehouse::startup::Application;
 use sha2::{Digest, Sha256};
@@ -361,14 +362,19 @@ pub fn settings_dir(toml: &str) -> tempfile::TempDir {
     dir
 }
 
-pub fn load_settings(dir: &Path) -> Settings {
-    Settings::load(&Sources {
+/// The layers of a test gateway: `dir` and `GATEHOUSE_ENV=test`, no
+/// environment variables.
+pub fn sources_of(dir: &Path) -> Sources {
+    Sources {
         settings_dir: dir.to_owned(),
         environment: "test".to_owned(),
         config_file: None,
         vars: Default::default(),
-    })
-    .unwrap_or_else(|err| panic!("test settings are invalid: {err}"))
+    }
+}
+
+pub fn load_settings(dir: &Path) -> Settings {
+    Settings::load(&sources_of(dir)).unwrap_or_else(|err| panic!("test settings are invalid: {err}"))
 }
 
 /// The real gateway, in this process, on its own thread and actix System.
@@ -376,7 +382,10 @@ pub fn load_settings(dir: &Path) -> Settings {
 pub struct TestGateway {
     pub address: SocketAddr,
     server: ServerThread,
-    _settings_dir: tempfile::TempDir,
+    reloader: ReloadHandle,
+    settings_dir: tempfile::TempDir,
+    /// The `[server]` table as written at start.
+    server_table: String,
 }
 
 impl TestGateway {
@@ -399,6 +408,24 @@ impl TestGateway {
     /// `server.shutdown_timeout_s`.
     pub async fn stop(&self) {
         self.server.stop(true).await;
+    }
+
+    /// Reads the settings directory again, as SIGHUP does: the new
+    /// generation once every worker serves it, or the error that kept the
+    /// running configuration.
+    pub async fn reload(&self) -> Result<u64, String> {
+        self.reloader.reload().await
+    }
+
+    /// The gateway's only settings layer.
+    pub fn settings_file(&self) -> PathBuf {
+        self.settings_dir.path().join("default.toml")
+    }
+
+    /// The whole settings file as the builder wrote it at start, with
+    /// `toml` after the `[server]` table.
+    pub fn config_text(&self, toml: &str) -> String {
+        format!("{}{toml}", self.server_table)
     }
 }
 
@@ -439,8 +466,12 @@ impl<G> GatewayBuilder<G> {
 
     /// The whole configuration, `[server]` table and all, listening on `listen`.
     fn config(&self, listen: SocketAddr, toml: &str) -> String {
+        format!("{}{toml}", self.server_table(listen))
+    }
+
+    fn server_table(&self, listen: SocketAddr) -> String {
         format!(
-            "[server]\nlisten = \"{listen}\"\nworkers = {}\n{}{toml}",
+            "[server]\nlisten = \"{listen}\"\nworkers = {}\n{}",
             self.workers, self.server
         )
     }
@@ -449,17 +480,25 @@ impl<G> GatewayBuilder<G> {
 impl GatewayBuilder<TestGateway> {
     /// Starts the gateway in this process with `toml` after the `[server]` table.
     pub fn start(self, toml: &str) -> TestGateway {
-        let dir = settings_dir(&self.config(([127, 0, 0, 1], 0).into(), toml));
+        let listen = ([127, 0, 0, 1], 0).into();
+        let dir = settings_dir(&self.config(listen, toml));
         let settings = load_settings(dir.path());
-        let (server, address) = ServerThread::spawn(move || {
-            let application = Application::build(&settings).expect("gateway starts");
+        let sources = sources_of(dir.path());
+        let (server, (address, reloader)) = ServerThread::spawn(move || {
+            let application = Application::build(&settings, sources).expect("gateway starts");
             let (address, handle) = (application.address(), application.handle());
-            (address, handle, application.run_until_stopped())
+            (
+                (address, application.reloader()),
+                handle,
+                application.run_until_stopped(),
+            )
         });
         TestGateway {
             address,
             server,
-            _settings_dir: dir,
+            reloader,
+            settings_dir: dir,
+            server_table: self.server_table(listen),
         }
     }
 }
@@ -567,7 +606,9 @@ pub fn rss_kib_of(pid: u32) -> Option<u64> {
 pub struct GatewayProcess {
     pub child: Child,
     pub address: SocketAddr,
-    _settings_dir: tempfile::TempDir,
+    settings_dir: tempfile::TempDir,
+    /// The `[server]` table as written at start.
+    server_table: String,
     stderr: tempfile::NamedTempFile,
 }
 
@@ -594,6 +635,17 @@ impl GatewayProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The gateway's `default.toml` layer.
+    pub fn settings_file(&self) -> PathBuf {
+        self.settings_dir.path().join("default.toml")
+    }
+
+    /// The whole settings file as the builder wrote it at start, with
+    /// `toml` after the `[server]` table.
+    pub fn config_text(&self, toml: &str) -> String {
+        format!("{}{toml}", self.server_table)
     }
 
     /// Resident set size in KiB, from `/proc/<pid>/status`.
@@ -670,7 +722,8 @@ impl GatewayBuilder<GatewayProcess> {
         let process = GatewayProcess {
             child,
             address,
-            _settings_dir: dir,
+            settings_dir: dir,
+            server_table: self.server_table(address),
             stderr,
         };
         let deadline = Instant::now() + Duration::from_secs(10);

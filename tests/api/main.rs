@@ -10,5 +10,6 @@ mod helpers;
 mod metrics;
 mod process;
 mod rate_limits;
+mod reload;
 mod routing;
 mod upstream_responses;
