@@ -157,7 +157,8 @@ pub async fn forward(
     };
 
     let first = ctx
-        .pick(route.service, None)
+        .pick_target(route.service, None)
+        .await
         .ok_or_else(|| unavailable(service, "no healthy instance"))?;
     let failure = match forwarding.attempt(first, body).await {
         Ok(response) => return Ok(response),
@@ -176,7 +177,7 @@ pub async fn forward(
     let Some(retry_body) = retry_body.filter(|_| Instant::now() < deadline) else {
         return Err(failure.into_error(service));
     };
-    let Some(second) = ctx.pick(route.service, Some(first)) else {
+    let Some(second) = ctx.pick_target(route.service, Some(first)).await else {
         return Err(failure.into_error(service));
     };
     tracing::debug!(failed = %service.instances[first].url, retry = %service.instances[second].url, "retrying on the next instance");

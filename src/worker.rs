@@ -20,13 +20,13 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Addr};
+use actix::{Actor, Addr, AsyncContext};
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::{web, App, Error, HttpMessage, HttpRequest, HttpResponse};
 use tracing_actix_web::TracingLogger;
 
-use crate::actors::balancer::{pick_round_robin, BalancerActor};
+use crate::actors::balancer::{pick_round_robin, BalancerActor, PickTarget, SwappedOut};
 use crate::actors::registry::{Deployment, PassiveFailures, RegistryActor, SubscribeBalancer};
 use crate::auth::{TokenCache, Verifier};
 use crate::endpoints;
@@ -51,6 +51,7 @@ const UPSTREAM_KEEP_ALIVE: Duration = Duration::from_secs(30);
 pub struct WorkerContext {
     current: RefCell<Rc<Snapshot>>,
     registry: Addr<RegistryActor>,
+    balancer: Addr<BalancerActor>,
     shared_limits: SharedLimits,
 }
 
@@ -67,6 +68,8 @@ pub struct Snapshot {
     pub tokens: Rc<TokenCache>,
     pub limiter: Rc<RateLimiter>,
     pub registry: Addr<RegistryActor>,
+    /// This worker's balancer, on this worker's arbiter.
+    pub balancer: Addr<BalancerActor>,
     pub passive_threshold: u32,
     /// `services[s]` is `gateway.services[s]`.
     services: Vec<ServiceUpstreams>,
@@ -91,6 +94,21 @@ pub struct Upstream {
 }
 
 impl Snapshot {
+    /// The next instance of `service` in rotation, asked of the worker's
+    /// balancer; picked here if a reload has swapped this snapshot out
+    /// meanwhile, so the instance is always one of this snapshot's.
+    pub async fn pick_target(&self, service: usize, exclude: Option<usize>) -> Option<usize> {
+        let asked = self.balancer.send(PickTarget {
+            generation: self.generation,
+            service,
+            exclude,
+        });
+        match asked.await {
+            Ok(Ok(target)) => target,
+            Ok(Err(SwappedOut)) | Err(_) => self.pick(service, exclude),
+        }
+    }
+
     /// The next instance of `service` in rotation (see [`pick_round_robin`]).
     pub fn pick(&self, service: usize, exclude: Option<usize>) -> Option<usize> {
         let upstreams = &self.services[service];
@@ -112,6 +130,7 @@ impl Snapshot {
         healthy: Vec<Arc<[usize]>>,
         previous: Option<&Snapshot>,
         registry: &Addr<RegistryActor>,
+        balancer: &Addr<BalancerActor>,
         shared_limits: &SharedLimits,
     ) -> Self {
         let gateway = &deployment.gateway;
@@ -170,6 +189,7 @@ impl Snapshot {
             tokens,
             limiter,
             registry: registry.clone(),
+            balancer: balancer.clone(),
             passive_threshold: deployment.passive_threshold,
             services,
             upstream: deployment.upstream.clone(),
@@ -189,17 +209,23 @@ fn same_limiter(before: &RateLimitSettings, after: &RateLimitSettings) -> bool {
 }
 
 impl WorkerContext {
-    fn new(deployment: &Deployment, registry: Addr<RegistryActor>, shared_limits: SharedLimits) -> Self {
+    fn new(
+        deployment: &Deployment,
+        registry: Addr<RegistryActor>,
+        balancer: Addr<BalancerActor>,
+        shared_limits: SharedLimits,
+    ) -> Self {
         let healthy = deployment
             .gateway
             .services
             .iter()
             .map(|service| (0..service.instances.len()).collect())
             .collect();
-        let snapshot = Snapshot::build(deployment, healthy, None, &registry, &shared_limits);
+        let snapshot = Snapshot::build(deployment, healthy, None, &registry, &balancer, &shared_limits);
         Self {
             current: RefCell::new(Rc::new(snapshot)),
             registry,
+            balancer,
             shared_limits,
         }
     }
@@ -207,6 +233,16 @@ impl WorkerContext {
     /// The configuration a request starting now uses, to the end.
     pub fn snapshot(&self) -> Rc<Snapshot> {
         self.current.borrow().clone()
+    }
+
+    /// The next target of `service` in the snapshot in force, if it is still
+    /// of `generation`.
+    pub fn pick(&self, generation: u64, service: usize, exclude: Option<usize>) -> Result<Option<usize>, SwappedOut> {
+        let current = self.current.borrow();
+        if current.generation != generation {
+            return Err(SwappedOut);
+        }
+        Ok(current.pick(service, exclude))
     }
 
     /// Applies a healthy-set change, if it is about the generation in force
@@ -229,7 +265,14 @@ impl WorkerContext {
             }
             return;
         }
-        let next = Snapshot::build(deployment, healthy, Some(&current), &self.registry, &self.shared_limits);
+        let next = Snapshot::build(
+            deployment,
+            healthy,
+            Some(&current),
+            &self.registry,
+            &self.balancer,
+            &self.shared_limits,
+        );
         *self.current.borrow_mut() = Rc::new(next);
         crate::metrics::forget_request_series();
     }
@@ -257,12 +300,18 @@ impl Workers {
             InitError = (),
         >,
     > {
-        let context = Rc::new(WorkerContext::new(
-            &self.deployment,
-            self.registry.clone(),
-            self.shared_limits.clone(),
-        ));
-        let balancer = BalancerActor::new(context.clone()).start();
+        let mut context = None;
+        let balancer = BalancerActor::create(|ctx| {
+            let worker = Rc::new(WorkerContext::new(
+                &self.deployment,
+                self.registry.clone(),
+                ctx.address(),
+                self.shared_limits.clone(),
+            ));
+            context = Some(worker.clone());
+            BalancerActor::new(worker)
+        });
+        let context = context.expect("set by BalancerActor::create");
         self.registry.do_send(SubscribeBalancer(balancer));
         App::new()
             .default_service(web::to(dispatch))

@@ -2,14 +2,13 @@
 //! the configuration in force.
 //!
 //! One balancer runs on each HTTP worker's own arbiter, beside the requests
-//! it serves. The registry sends it every change of a service's healthy set
-//! and every new [`Deploy`]ment; it applies both to the worker's
-//! [`WorkerContext`] on the worker's own thread, so a request reads its
-//! targets and its configuration with no lock and no message round trip
-//! (`crate::worker::Snapshot::pick`). The rotation must still hold for the
-//! whole process, so the balancers share one atomic cursor per service: n
-//! sequential picks over k healthy instances give each n/k ± 1 whichever
-//! workers serve them.
+//! it serves, so a [`PickTarget`] never crosses threads. The registry sends
+//! it every change of a service's healthy set and every new [`Deploy`]ment;
+//! it applies both to the worker's [`WorkerContext`] on the worker's own
+//! thread, so requests read their configuration with no lock. The rotation
+//! must still hold for the whole process, so the balancers share one atomic
+//! cursor per service: n sequential picks over k healthy instances give each
+//! n/k ± 1 whichever workers serve them.
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +18,22 @@ use actix::{Actor, Context, Handler, Message};
 
 use super::registry::Deployment;
 use crate::worker::WorkerContext;
+
+/// Which instance should serve the next request of `service` in the
+/// configuration of `generation`. `exclude` skips an instance that just
+/// failed (the one retry of SPEC §3).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Option<usize>, SwappedOut>")]
+pub struct PickTarget {
+    pub generation: u64,
+    pub service: usize,
+    pub exclude: Option<usize>,
+}
+
+/// A reload swapped the asking request's configuration out: it picks from
+/// its own snapshot instead.
+#[derive(Debug)]
+pub struct SwappedOut;
 
 /// The registry's latest view of one service's healthy instances, as
 /// positions in the deployment of `generation`.
@@ -51,6 +66,14 @@ impl BalancerActor {
 
 impl Actor for BalancerActor {
     type Context = Context<Self>;
+}
+
+impl Handler<PickTarget> for BalancerActor {
+    type Result = Result<Option<usize>, SwappedOut>;
+
+    fn handle(&mut self, msg: PickTarget, _: &mut Context<Self>) -> Self::Result {
+        self.worker.pick(msg.generation, msg.service, msg.exclude)
+    }
 }
 
 impl Handler<HealthySetChanged> for BalancerActor {
