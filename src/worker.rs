@@ -142,6 +142,10 @@ impl Snapshot {
                 }
             }
         }
+        // One TLS configuration for every client built here: awc would
+        // otherwise build its root store (twice) per client.
+        let tls = std::cell::OnceCell::new();
+        let new_client = || upstream_client(&deployment.upstream, tls.get_or_init(upstream_tls).clone());
         let services = gateway
             .services
             .iter()
@@ -157,7 +161,7 @@ impl Snapshot {
                     .map(|(instance, failures)| Upstream {
                         client: kept_clients
                             .get(&(&*service.name, instance.url.as_str()))
-                            .map_or_else(|| upstream_client(&deployment.upstream), |client| (*client).clone()),
+                            .map_or_else(new_client, |client| (*client).clone()),
                         failures: failures.clone(),
                     })
                     .collect(),
@@ -327,12 +331,26 @@ impl Workers {
     }
 }
 
-fn upstream_client(upstream: &UpstreamSettings) -> awc::Client {
+/// TLS for `https://` instances: the public web roots, HTTP/1.1.
+fn upstream_tls() -> Arc<rustls::ClientConfig> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+fn upstream_client(upstream: &UpstreamSettings, tls: Arc<rustls::ClientConfig>) -> awc::Client {
     let connector = awc::Connector::new()
         .timeout(Duration::from_millis(upstream.connect_timeout_ms))
         .limit(upstream.max_connections_per_host)
         .conn_keep_alive(UPSTREAM_KEEP_ALIVE)
-        .max_http_version(awc::http::Version::HTTP_11);
+        // Replaces the TLS set-up `new` made; its ALPN offers HTTP/1.1 only,
+        // which is all `max_http_version` would change.
+        .rustls_0_23(tls);
     awc::Client::builder()
         .connector(connector)
         .disable_redirects()
