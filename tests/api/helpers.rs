@@ -847,6 +847,19 @@ pub fn raw_request(gateway: &TestGateway, head: &[&str]) -> RawResponse {
 // /health
 // ---------------------------------------------------------------------------
 
+/// In Prometheus text, the value of the first sample of `name` carrying every `label="value"`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(label, value)| line.contains(&format!("{label}=\"{value}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
 /// `GET /health`, which is always 200 and JSON.
 pub async fn health(gateway: &TestGateway) -> serde_json::Value {
     let reply = health_reply(gateway).await;

@@ -4,19 +4,6 @@
 
 use crate::helpers::*;
 
-/// The value of the first sample of `name` carrying every `label="value"`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(label, value)| line.contains(&format!("{label}=\"{value}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
-
 async fn scrape(gateway: &TestGateway) -> String {
     let reply = get(&gateway.url("/metrics")).await;
     assert_eq!(reply.status, 200);

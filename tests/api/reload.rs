@@ -202,19 +202,6 @@ async fn assert_generation_stays(health_url: &str, generation: u64, period: Dura
     }
 }
 
-/// The value of the first sample of `name` carrying every `label="value"`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(label, value)| line.contains(&format!("{label}=\"{value}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
-
 async fn scrape(metrics_url: &str) -> String {
     let reply = get(metrics_url).await;
     assert_eq!(reply.status, 200);
