@@ -25,6 +25,9 @@ pub struct Runtime {
     pub gateway: Arc<Gateway>,
     /// `None` when no route needs auth: keys are parsed only when used.
     pub verifier: Option<Arc<Verifier>>,
+    /// The TLS listener's certificate and key, read from their files;
+    /// `None` without a TLS listener.
+    pub certificate: Option<Arc<rustls::sign::CertifiedKey>>,
 }
 
 /// Compiles validated settings into a [`Runtime`]; every problem names its
@@ -42,6 +45,12 @@ pub fn compile(settings: &Settings) -> Result<Runtime, Vec<String>> {
                 .ok()
         })
         .flatten();
+    let certificate = match settings.server.tls.listen {
+        Some(_) => crate::tls::load_certified_key(&settings.server.tls)
+            .map_err(|found| problems.extend(found))
+            .ok(),
+        None => None,
+    };
     if settings.rate_limit.backend == RateLimitBackend::Redis {
         use deadpool_redis::redis::IntoConnectionInfo;
         if let Err(err) = settings.rate_limit.redis_url.expose().into_connection_info() {
@@ -52,6 +61,7 @@ pub fn compile(settings: &Settings) -> Result<Runtime, Vec<String>> {
         Some(gateway) if problems.is_empty() => Ok(Runtime {
             gateway: Arc::new(gateway),
             verifier: verifier.map(Arc::new),
+            certificate,
         }),
         _ => Err(problems),
     }
@@ -99,6 +109,8 @@ pub struct Gateway {
     /// Some route has `security_headers = false`, so responses are checked
     /// for their route before the headers go on.
     pub any_route_drops_security_headers: bool,
+    /// TLS for `https://` instances (proxying and probes).
+    pub upstream_tls: Arc<rustls::ClientConfig>,
 }
 
 impl Gateway {
@@ -185,6 +197,7 @@ impl Gateway {
             },
             any_route_allows_encoded_slash,
             any_route_drops_security_headers,
+            upstream_tls: crate::tls::upstream_client_config(&settings.upstream)?,
         })
     }
 

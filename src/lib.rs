@@ -33,4 +33,5 @@ pub mod routing;
 pub mod settings;
 pub mod startup;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

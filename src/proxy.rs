@@ -31,6 +31,7 @@ use crate::error::GatewayError;
 use crate::gateway::{Gateway, Instance, Service};
 use crate::middleware::request_id::{RequestId, X_REQUEST_ID};
 use crate::routing::{request_host, strip_route_prefix, Route};
+use crate::tls::OverTls;
 use crate::worker::Snapshot;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -41,8 +42,6 @@ const X_USER_ROLES: HeaderName = HeaderName::from_static("x-user-roles");
 const X_POWERED_BY: HeaderName = HeaderName::from_static("x-powered-by");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-/// The scheme of the (only, plain) listener, sent as `X-Forwarded-Proto`.
-const LISTENER_SCHEME: &str = "http";
 
 /// Headers the middleware adds to a proxied response: twelve security
 /// headers, `X-Request-Id` and five `RateLimit-*`/`Retry-After` at most.
@@ -350,13 +349,26 @@ fn is_gateway_owned_name(name: &str, trusted_peer: bool) -> bool {
 /// `HttpServer::on_connect` hook) rather than once per request.
 pub struct PeerText(HeaderValue);
 
-/// The `HttpServer::on_connect` hook that stores [`PeerText`].
+/// The `HttpServer::on_connect` hook that stores [`PeerText`], and
+/// [`OverTls`] for a connection of the TLS listener.
 pub fn remember_peer(connection: &dyn std::any::Any, extensions: &mut actix_http::Extensions) {
-    let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() else {
+    let Some((stream, over_tls)) = crate::tls::tcp_of(connection) else {
         return;
     };
     if let Some(text) = stream.peer_addr().ok().and_then(|peer| peer_header(peer.ip())) {
         extensions.insert(PeerText(text));
+    }
+    if over_tls {
+        extensions.insert(OverTls);
+    }
+}
+
+/// The scheme of the listener the request arrived on.
+fn listener_scheme(req: &HttpRequest) -> &'static str {
+    if req.conn_data::<OverTls>().is_some() {
+        "https"
+    } else {
+        "http"
     }
 }
 
@@ -407,7 +419,7 @@ fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
         headers.insert(X_FORWARDED_FOR, value);
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(LISTENER_SCHEME));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(listener_scheme(req)));
     }
     if !headers.contains_key(&X_FORWARDED_HOST) {
         if let Some(host) = client_host_value(req) {
@@ -588,13 +600,13 @@ fn strip_base_path<'a>(path: &'a str, base_path: &str) -> Option<&'a str> {
 }
 
 /// The scheme the client used, as `X-Forwarded-Proto` tells the instance: a
-/// trusted proxy's own value, else [`LISTENER_SCHEME`].
+/// trusted proxy's own value, else the listener's scheme.
 fn forwarded_proto(req: &HttpRequest, gateway: &Gateway) -> &'static str {
     let trusted_peer = req.peer_addr().is_some_and(|peer| gateway.is_trusted_proxy(peer.ip()));
     match req.headers().get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
         Some(b"https") if trusted_peer => "https",
         Some(b"http") if trusted_peer => "http",
-        _ => LISTENER_SCHEME,
+        _ => listener_scheme(req),
     }
 }
 

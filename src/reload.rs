@@ -21,6 +21,7 @@ use crate::auth::Verifier;
 use crate::gateway::compile;
 use crate::ratelimit::SharedLimits;
 use crate::settings::{Settings, Sources};
+use crate::tls::CertificateResolver;
 
 /// Writes closer together than this are one reload (SPEC §7).
 const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -67,8 +68,11 @@ pub struct Reloader {
     verifier: Option<(Arc<Verifier>, Option<Vec<u8>>)>,
     registry: Addr<RegistryActor>,
     shared_limits: SharedLimits,
-    /// Present while `server.watch_config` is on.
-    watcher: Option<notify::RecommendedWatcher>,
+    /// The TLS listener's certificate, replaced by every successful reload.
+    certificates: Option<Arc<CertificateResolver>>,
+    /// Present while `server.watch_config` is on, with the files it
+    /// watches.
+    watcher: Option<(notify::RecommendedWatcher, Vec<PathBuf>)>,
     /// The settings files' contents as last read, so a change that leaves
     /// them as they were (a rewrite with the same bytes, a file beside them
     /// in the folder) is no reload.
@@ -82,12 +86,14 @@ impl Reloader {
         sources: Sources,
         running: Settings,
         verifier: Option<Arc<Verifier>>,
+        certificates: Option<Arc<CertificateResolver>>,
         registry: Addr<RegistryActor>,
         shared_limits: SharedLimits,
     ) -> ReloadHandle {
         let key_file = key_file_contents(&running);
         let reloader = Self {
-            files_seen: fingerprint(&sources),
+            files_seen: fingerprint(&watched_files(&sources, &running)),
+            certificates,
             sources,
             verifier: verifier.map(|verifier| (verifier, key_file)),
             running,
@@ -126,15 +132,21 @@ impl Reloader {
         Ok((reconfigure, settings))
     }
 
-    /// Starts or stops watching the files to match `server.watch_config`.
+    /// Starts or stops watching the files to match `server.watch_config`,
+    /// and follows the files the configuration names.
     fn watch(&mut self, ctx: &mut Context<Self>) {
-        match (self.running.server.watch_config, self.watcher.is_some()) {
-            (true, false) => match watch_files(&self.sources, ctx.address()) {
-                Ok(watcher) => self.watcher = Some(watcher),
-                Err(err) => tracing::error!(%err, "cannot watch the settings files; SIGHUP still reloads"),
-            },
-            (false, true) => self.watcher = None,
-            _ => {}
+        if !self.running.server.watch_config {
+            self.watcher = None;
+            return;
+        }
+        let files = watched_files(&self.sources, &self.running);
+        if self.watcher.as_ref().is_some_and(|(_, watched)| *watched == files) {
+            return;
+        }
+        self.watcher = None;
+        match watch_files(files.clone(), ctx.address()) {
+            Ok(watcher) => self.watcher = Some((watcher, files)),
+            Err(err) => tracing::error!(%err, "cannot watch the settings files; SIGHUP still reloads"),
         }
     }
 }
@@ -149,7 +161,7 @@ impl Handler<Reload> for Reloader {
 
     fn handle(&mut self, Reload(cause): Reload, _: &mut Context<Self>) -> Self::Result {
         let started = Instant::now();
-        let files = fingerprint(&self.sources);
+        let files = fingerprint(&watched_files(&self.sources, &self.running));
         if cause == Cause::FileChange && files == self.files_seen {
             return AtomicResponse::new(Box::pin(actix::fut::ready(Err("no settings file changed".to_owned()))));
         }
@@ -164,11 +176,15 @@ impl Handler<Reload> for Reloader {
             }
         };
         let kept_policies: Vec<String> = settings.rate_limit.policies.keys().cloned().collect();
+        let certificate = reconfigure.runtime.certificate.clone();
         let swap = self.registry.send(reconfigure);
         AtomicResponse::new(Box::pin(swap.into_actor(self).map(move |generation, reloader, ctx| {
             let generation = generation.map_err(|_| "the registry has stopped".to_owned())?;
             let kept: Vec<&str> = kept_policies.iter().map(String::as_str).collect();
             reloader.shared_limits.local.retain_policies(&kept);
+            if let (Some(resolver), Some(certificate)) = (&reloader.certificates, certificate) {
+                resolver.replace(certificate);
+            }
             reloader.running = settings;
             reloader.watch(ctx);
             crate::metrics::config_reload("success");
@@ -196,6 +212,11 @@ fn keep_restart_only_keys(next: &mut Settings, running: &Settings) {
         }
     }
     keep("server.listen", &mut next.server.listen, &running.server.listen);
+    keep(
+        "server.tls.listen",
+        &mut next.server.tls.listen,
+        &running.server.tls.listen,
+    );
     keep("server.workers", &mut next.server.workers, &running.server.workers);
     keep(
         "server.client_request_timeout_ms",
@@ -224,25 +245,45 @@ fn key_file_contents(settings: &Settings) -> Option<Vec<u8>> {
     (!path.is_empty()).then(|| std::fs::read(path).ok()).flatten()
 }
 
-/// A digest of every layer file's contents (absent files included).
-fn fingerprint(sources: &Sources) -> u64 {
+/// The files a reload reads: the settings layers, and the files the
+/// running configuration names (TLS certificate and key, upstream CA, token
+/// key), which cert-manager, certbot and the like rewrite in place.
+fn watched_files(sources: &Sources, running: &Settings) -> Vec<PathBuf> {
+    let mut files = sources.layer_files();
+    let tls = &running.server.tls;
+    let named = [
+        (tls.listen.is_some(), &tls.cert_file),
+        (tls.listen.is_some(), &tls.key_file),
+        (true, &running.upstream.ca_file),
+        (true, &running.auth.public_key_pem),
+    ];
+    files.extend(
+        named
+            .into_iter()
+            .filter(|(used, path)| *used && !path.is_empty())
+            .map(|(_, path)| PathBuf::from(path)),
+    );
+    files
+}
+
+/// A digest of the files' contents (absent files included).
+fn fingerprint(files: &[PathBuf]) -> u64 {
     let mut hasher = DefaultHasher::new();
-    for file in sources.layer_files() {
-        std::fs::read(&file).ok().hash(&mut hasher);
+    for file in files {
+        std::fs::read(file).ok().hash(&mut hasher);
     }
     hasher.finish()
 }
 
-/// Watches the folders that hold the layer files. An editor's
+/// Watches the folders that hold `files`. An editor's
 /// write-then-rename and a Kubernetes ConfigMap's swap of its `..data`
 /// symlink show up as events on the folder's entries, so the folders are
 /// watched, not the files; events on other entries, and reads (the reloader
 /// itself reads the files), are ignored. A burst of changes is one reload,
 /// sent once the files have been quiet for [`DEBOUNCE`].
-fn watch_files(sources: &Sources, reloader: Addr<Reloader>) -> notify::Result<notify::RecommendedWatcher> {
+fn watch_files(files: Vec<PathBuf>, reloader: Addr<Reloader>) -> notify::Result<notify::RecommendedWatcher> {
     use notify::{EventKind, Watcher};
 
-    let files = sources.layer_files();
     let names: Vec<std::ffi::OsString> = files
         .iter()
         .filter_map(|file| file.file_name().map(ToOwned::to_owned))

@@ -53,7 +53,9 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ServerSettings {
-    pub listen: SocketAddr,
+    /// `None` (`""` in the files): no plain listener, TLS only.
+    #[serde(with = "optional_address")]
+    pub listen: Option<SocketAddr>,
     /// 0 = one worker per CPU core.
     pub workers: usize,
     pub max_body_bytes: u64,
@@ -64,12 +66,48 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<IpNet>,
     /// Reload when a settings file changes, as well as on SIGHUP (SPEC §7).
     pub watch_config: bool,
+    pub tls: TlsSettings,
+}
+
+/// The TLS listener (SPEC §8).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TlsSettings {
+    /// `None` (`""`): no TLS listener.
+    #[serde(with = "optional_address")]
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain, leaf first.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+}
+
+/// A listen address that may be `""` for none.
+mod optional_address {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(address: &Option<SocketAddr>, serializer: S) -> Result<S::Ok, S::Error> {
+        match address {
+            Some(address) => serializer.collect_str(address),
+            None => serializer.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.trim() {
+            "" => Ok(None),
+            address => address.parse().map(Some).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             workers: 0,
             max_body_bytes: 10 * 1024 * 1024,
             max_header_bytes: 32 * 1024,
@@ -77,6 +115,7 @@ impl Default for ServerSettings {
             shutdown_timeout_s: 30,
             trusted_proxies: Vec::new(),
             watch_config: false,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -89,6 +128,9 @@ pub struct UpstreamSettings {
     /// An upstream body silent this long is cut; 0 = never.
     pub body_idle_timeout_ms: u64,
     pub max_connections_per_host: usize,
+    /// Extra PEM CA bundle for `https://` instances, beside the public web
+    /// roots; `""` for none.
+    pub ca_file: String,
 }
 
 impl Default for UpstreamSettings {
@@ -98,6 +140,7 @@ impl Default for UpstreamSettings {
             request_timeout_ms: 30_000,
             body_idle_timeout_ms: 60_000,
             max_connections_per_host: 256,
+            ca_file: String::new(),
         }
     }
 }
@@ -532,6 +575,24 @@ impl Settings {
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
         let mut problem = |key: String, reason: String| problems.push(format!("{key}: {reason}"));
+
+        match (&self.server.listen, &self.server.tls.listen) {
+            (None, None) => problem(
+                "server.listen".to_owned(),
+                "is empty and so is server.tls.listen: the gateway needs a listener".to_owned(),
+            ),
+            (_, Some(_)) => {
+                for (key, value) in [
+                    ("server.tls.cert_file", &self.server.tls.cert_file),
+                    ("server.tls.key_file", &self.server.tls.key_file),
+                ] {
+                    if value.is_empty() {
+                        problem(key.to_owned(), "required when server.tls.listen is set".to_owned());
+                    }
+                }
+            }
+            (Some(_), None) => {}
+        }
 
         let positive = [
             (
@@ -1118,7 +1179,7 @@ service = "user"
     #[test]
     fn a_minimal_file_gets_every_default() {
         let settings = settings_with("").unwrap();
-        assert_eq!(settings.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(settings.server.listen, Some("127.0.0.1:8080".parse().unwrap()));
         assert_eq!(settings.upstream.request_timeout_ms, 30_000);
         assert_eq!(settings.health.unhealthy_threshold, 2);
         assert_eq!(settings.auth.algorithms, vec![Algorithm::HS256]);

@@ -19,6 +19,7 @@ use crate::proxy;
 use crate::ratelimit::SharedLimits;
 use crate::reload::{Cause, Reload, ReloadHandle, Reloader};
 use crate::settings::{Settings, Sources};
+use crate::tls::CertificateResolver;
 use crate::worker::Workers;
 
 /// Idle keep-alive connections from clients are closed after this long.
@@ -26,14 +27,16 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 pub struct Application {
     server: Server,
-    address: SocketAddr,
+    address: Option<SocketAddr>,
+    tls_address: Option<SocketAddr>,
     reloader: ReloadHandle,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
-    #[error("server.listen: cannot listen on {address}: {source}")]
+    #[error("{key}: cannot listen on {address}: {source}")]
     Bind {
+        key: &'static str,
         address: SocketAddr,
         source: std::io::Error,
     },
@@ -49,12 +52,15 @@ impl Application {
     /// workers. `settings` were loaded from `sources`, which reloads read
     /// again. Must be called inside an actix `System`.
     pub fn build(settings: &Settings, sources: Sources) -> Result<Self, StartupError> {
-        let listener = TcpListener::bind(settings.server.listen).map_err(|source| StartupError::Bind {
-            address: settings.server.listen,
-            source,
-        })?;
-        let address = listener.local_addr()?;
+        let listener = bind("server.listen", settings.server.listen)?;
+        let tls_listener = bind("server.tls.listen", settings.server.tls.listen)?;
+        let address = listener.as_ref().map(TcpListener::local_addr).transpose()?;
+        let tls_address = tls_listener.as_ref().map(TcpListener::local_addr).transpose()?;
         let runtime = compile(settings).map_err(|problems| StartupError::Config(problems.join("\n")))?;
+        let certificates = runtime
+            .certificate
+            .clone()
+            .map(|key| Arc::new(CertificateResolver::new(key)));
         crate::metrics::install();
         crate::metrics::spawn_upkeep();
         let (registry, deployment) = RegistryActor::start(
@@ -69,6 +75,7 @@ impl Application {
             sources,
             settings.clone(),
             deployment.verifier.clone(),
+            certificates.clone(),
             registry.clone(),
             shared_limits.clone(),
         );
@@ -77,19 +84,31 @@ impl Application {
             shared_limits,
             registry,
         });
-        let server = with_server_options(HttpServer::new(move || workers.app()), settings)
-            .listen(listener)?
-            .run();
-        tracing::info!(%address, "gatehouse listening");
+        let mut server = with_server_options(HttpServer::new(move || workers.app()), settings);
+        if let Some(listener) = listener {
+            server = server.listen(listener)?;
+        }
+        if let (Some(listener), Some(certificates)) = (tls_listener, certificates) {
+            server = server.listen_rustls_0_23(listener, crate::tls::server_config(certificates))?;
+        }
+        let server = server.run();
+        tracing::info!(address = ?address, tls_address = ?tls_address, "gatehouse listening");
         Ok(Self {
             server,
             address,
+            tls_address,
             reloader,
         })
     }
 
-    pub fn address(&self) -> SocketAddr {
+    /// The plain listener's address, `None` for a TLS-only gateway.
+    pub fn address(&self) -> Option<SocketAddr> {
         self.address
+    }
+
+    /// The TLS listener's address, if there is one.
+    pub fn tls_address(&self) -> Option<SocketAddr> {
+        self.tls_address
     }
 
     pub fn handle(&self) -> ServerHandle {
@@ -104,6 +123,13 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
     }
+}
+
+/// Binds `address` (the setting `key`), if set.
+fn bind(key: &'static str, address: Option<SocketAddr>) -> Result<Option<TcpListener>, StartupError> {
+    address
+        .map(|address| TcpListener::bind(address).map_err(|source| StartupError::Bind { key, address, source }))
+        .transpose()
 }
 
 /// Timeouts, the drain, the connection hooks and the worker count.

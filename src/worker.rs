@@ -142,10 +142,7 @@ impl Snapshot {
                 }
             }
         }
-        // One TLS configuration for every client built here: awc would
-        // otherwise build its root store (twice) per client.
-        let tls = std::cell::OnceCell::new();
-        let new_client = || upstream_client(&deployment.upstream, tls.get_or_init(upstream_tls).clone());
+        let new_client = || upstream_client(&deployment.upstream, gateway.upstream_tls.clone());
         let services = gateway
             .services
             .iter()
@@ -331,25 +328,14 @@ impl Workers {
     }
 }
 
-/// TLS for `https://` instances: the public web roots, HTTP/1.1.
-fn upstream_tls() -> Arc<rustls::ClientConfig> {
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(config)
-}
-
 fn upstream_client(upstream: &UpstreamSettings, tls: Arc<rustls::ClientConfig>) -> awc::Client {
     let connector = awc::Connector::new()
         .timeout(Duration::from_millis(upstream.connect_timeout_ms))
         .limit(upstream.max_connections_per_host)
         .conn_keep_alive(UPSTREAM_KEEP_ALIVE)
-        // Replaces the TLS set-up `new` made; its ALPN offers HTTP/1.1 only,
-        // which is all `max_http_version` would change.
+        // One configuration shared by every client (awc's own is built per
+        // client); its ALPN offers HTTP/1.1 only, which is all
+        // `max_http_version` would change.
         .rustls_0_23(tls);
     awc::Client::builder()
         .connector(connector)

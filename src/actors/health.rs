@@ -32,6 +32,8 @@ pub struct ProbeSet {
     pub targets: Vec<ProbeTarget>,
     pub interval: Duration,
     pub timeout: Duration,
+    /// TLS for `https://` instances, as the proxy's.
+    pub tls: Arc<rustls::ClientConfig>,
     /// Instances (service, URL) to probe now rather than at the next tick.
     pub probe_now: Vec<(Arc<str>, Arc<str>)>,
 }
@@ -51,11 +53,11 @@ pub struct HealthChecker {
     ticker: Option<SpawnHandle>,
 }
 
-fn probe_client(timeout: Duration) -> awc::Client {
+fn probe_client(timeout: Duration, tls: Arc<rustls::ClientConfig>) -> awc::Client {
     awc::Client::builder()
         .disable_redirects()
         .timeout(timeout)
-        .connector(awc::Connector::new().timeout(timeout))
+        .connector(awc::Connector::new().timeout(timeout).rustls_0_23(tls))
         .finish()
 }
 
@@ -73,7 +75,7 @@ impl HealthChecker {
                 .collect(),
             interval: set.interval,
             timeout: set.timeout,
-            client: probe_client(set.timeout),
+            client: probe_client(set.timeout, set.tls),
             ticker: None,
         }
     }
@@ -181,10 +183,9 @@ impl Handler<ProbeSet> for HealthChecker {
                 Probed { target, in_flight }
             })
             .collect();
-        if set.timeout != self.timeout {
-            self.timeout = set.timeout;
-            self.client = probe_client(set.timeout);
-        }
+        // A new client each time: the TLS configuration may have changed.
+        self.timeout = set.timeout;
+        self.client = probe_client(set.timeout, set.tls);
         if set.interval != self.interval {
             self.interval = set.interval;
             self.start_ticking(ctx);

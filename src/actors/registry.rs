@@ -434,6 +434,7 @@ impl RegistryActor {
             targets,
             interval: Duration::from_millis(self.health.interval_ms),
             timeout: Duration::from_millis(self.health.timeout_ms),
+            tls: self.deployment.gateway.upstream_tls.clone(),
             probe_now: Vec::new(),
         }
     }

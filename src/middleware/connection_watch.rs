@@ -44,7 +44,9 @@ struct ConnectionActivity {
 /// `idle_limit` is how long a connection may sit with no request in flight.
 pub fn watch_connection(idle_limit: Duration) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
     move |connection, extensions| {
-        let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() else {
+        // HTTP/2 has no request-head timer to make up for: actix-http's
+        // keep-alive covers it.
+        let Some((stream, _)) = crate::tls::tcp_of(connection).filter(|_| !crate::tls::is_http2(connection)) else {
             return;
         };
         let socket = stream.as_raw_fd();

@@ -381,6 +381,9 @@ pub fn load_settings(dir: &Path) -> Settings {
 /// Dropping it stops the gateway and closes its port.
 pub struct TestGateway {
     pub address: SocketAddr,
+    /// The TLS listener, when `server.tls.listen` is set.
+    #[allow(dead_code)] // until the TLS tests use it
+    pub tls_address: Option<SocketAddr>,
     server: ServerThread,
     reloader: ReloadHandle,
     settings_dir: tempfile::TempDir,
@@ -402,6 +405,13 @@ impl TestGateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
+    }
+
+    /// `https://localhost:<TLS port><path>`.
+    #[allow(dead_code)] // until the TLS tests use it
+    pub fn tls_url(&self, path: &str) -> String {
+        let address = self.tls_address.expect("the gateway has a TLS listener");
+        format!("https://localhost:{}{path}", address.port())
     }
 
     /// Stops gracefully: open requests finish first, within
@@ -484,17 +494,19 @@ impl GatewayBuilder<TestGateway> {
         let dir = settings_dir(&self.config(listen, toml));
         let settings = load_settings(dir.path());
         let sources = sources_of(dir.path());
-        let (server, (address, reloader)) = ServerThread::spawn(move || {
+        let (server, (address, tls_address, reloader)) = ServerThread::spawn(move || {
             let application = Application::build(&settings, sources).expect("gateway starts");
-            let (address, handle) = (application.address(), application.handle());
+            let address = application.address().expect("test gateways listen in plain HTTP too");
+            let (tls_address, handle) = (application.tls_address(), application.handle());
             (
-                (address, application.reloader()),
+                (address, tls_address, application.reloader()),
                 handle,
                 application.run_until_stopped(),
             )
         });
         TestGateway {
             address,
+            tls_address,
             server,
             reloader,
             settings_dir: dir,
