@@ -132,8 +132,28 @@ pub fn server_config(resolver: Arc<CertificateResolver>) -> rustls::ServerConfig
 }
 
 /// The client side for `https://` instances and their probes: the public
-/// web roots plus `upstream.ca_file`, HTTP/1.1.
+/// web roots plus `upstream.ca_file`, HTTP/1.1. The same object while the
+/// CA file's path and contents stay the same, so a reload that leaves them
+/// keeps every upstream client (and its pooled connections).
 pub fn upstream_client_config(upstream: &UpstreamSettings) -> Result<Arc<rustls::ClientConfig>, String> {
+    type Built = (String, Option<Vec<u8>>, Arc<rustls::ClientConfig>);
+    static LAST_BUILT: std::sync::Mutex<Option<Built>> = std::sync::Mutex::new(None);
+
+    let contents = (!upstream.ca_file.is_empty())
+        .then(|| std::fs::read(&upstream.ca_file).ok())
+        .flatten();
+    let mut last = LAST_BUILT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((path, built_from, config)) = last.as_ref() {
+        if *path == upstream.ca_file && *built_from == contents {
+            return Ok(config.clone());
+        }
+    }
+    let config = build_upstream_client_config(upstream)?;
+    *last = Some((upstream.ca_file.clone(), contents, config.clone()));
+    Ok(config)
+}
+
+fn build_upstream_client_config(upstream: &UpstreamSettings) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };

@@ -135,7 +135,11 @@ impl Snapshot {
     ) -> Self {
         let gateway = &deployment.gateway;
         let mut kept_clients: HashMap<(&str, &str), &awc::Client> = HashMap::new();
-        if let Some(previous) = previous.filter(|previous| previous.upstream == deployment.upstream) {
+        let same_clients = |previous: &&Snapshot| {
+            previous.upstream == deployment.upstream
+                && Arc::ptr_eq(&previous.gateway.upstream_tls, &gateway.upstream_tls)
+        };
+        if let Some(previous) = previous.filter(same_clients) {
             for (service, upstreams) in previous.gateway.services.iter().zip(&previous.services) {
                 for (instance, upstream) in service.instances.iter().zip(&upstreams.instances) {
                     kept_clients.insert((&service.name, &instance.url), &upstream.client);
