@@ -144,7 +144,13 @@ pub async fn forward(
     let deadline = Instant::now() + ctx.gateway.request_timeout;
     let service = &ctx.gateway.services[route.service];
     let path_and_query = upstream_path_and_query(req, route, path)?;
-    let body = RequestBody::of(req, payload, ctx.gateway.max_body_bytes);
+    let payload = payload.into_inner();
+    let body = if req.version() == Version::HTTP_2 {
+        let (framing, payload) = h2_body(req, payload, deadline).await?;
+        RequestBody::with(framing, payload, ctx.gateway.max_body_bytes)
+    } else {
+        RequestBody::of(req, payload, ctx.gateway.max_body_bytes)
+    };
     let framing = body.framing();
     let progress = body.progress();
     let forwarding = Forwarding {
@@ -691,6 +697,68 @@ enum RequestBody {
     Chunked(CappedPayload),
 }
 
+/// The client's request body as actix-web hands it over.
+type ClientBody = actix_web::dev::Payload;
+
+/// HTTP/2 bodies declared this long or shorter are read whole before the
+/// request is forwarded.
+const H2_HELD_BODY_BYTES: u64 = 64 * 1024;
+
+/// An HTTP/2 request's body, made ready to forward (SPEC §8). A body with a
+/// declared length up to [`H2_HELD_BODY_BYTES`] is read whole first: when
+/// its DATA frames disagree with its `content-length`, h2 refuses the stream
+/// and nothing has reached an instance (a longer one is streamed, and such a
+/// mismatch cuts the upstream request short, so the instance never sees a
+/// complete request). Without a `content-length`, a request that has a body
+/// is told from one that has none (END_STREAM on its headers) by waiting for
+/// the first DATA frame; the body is then forwarded chunked. The wait is
+/// bounded by the request timeout.
+async fn h2_body(
+    req: &HttpRequest,
+    mut payload: ClientBody,
+    deadline: Instant,
+) -> Result<(Framing, ClientBody), GatewayError> {
+    use futures_util::StreamExt;
+
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.parse::<u64>().ok());
+    let refused = |reason: &str| {
+        tracing::debug!(reason, "HTTP/2 request body refused");
+        GatewayError::BadRequest("invalid body")
+    };
+    let read = async {
+        match declared {
+            Some(0) => Ok((Framing::Empty, payload)),
+            Some(length) if length <= H2_HELD_BODY_BYTES => {
+                let mut body = bytes::BytesMut::with_capacity(length as usize);
+                while let Some(chunk) = payload.next().await {
+                    body.extend_from_slice(&chunk.map_err(|_| refused("malformed"))?);
+                }
+                if body.len() as u64 != length {
+                    return Err(refused("length disagrees with content-length"));
+                }
+                Ok((Framing::Sized(length), ClientBody::from(body.freeze())))
+            }
+            Some(length) => Ok((Framing::Sized(length), payload)),
+            None => match payload.next().await {
+                None => Ok((Framing::None, ClientBody::None)),
+                Some(Err(_)) => Err(refused("malformed")),
+                Some(Ok(first)) => {
+                    let rest = futures_util::stream::once(std::future::ready(Ok(first))).chain(payload);
+                    let stream: actix_http::BoxedPayloadStream = Box::pin(rest);
+                    Ok((Framing::Chunked, ClientBody::from(stream)))
+                }
+            },
+        }
+    };
+    actix_rt::time::timeout(deadline.saturating_duration_since(Instant::now()), read)
+        .await
+        .unwrap_or_else(|_| Err(refused("timeout")))
+}
+
 /// How a request body is framed, without the body.
 #[derive(Debug, Clone, Copy)]
 enum Framing {
@@ -701,7 +769,7 @@ enum Framing {
 }
 
 impl RequestBody {
-    fn of(req: &HttpRequest, payload: web::Payload, limit: u64) -> Self {
+    fn of(req: &HttpRequest, payload: ClientBody, limit: u64) -> Self {
         let length = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -717,7 +785,7 @@ impl RequestBody {
         Self::with(framing, payload, limit)
     }
 
-    fn with(framing: Framing, payload: web::Payload, limit: u64) -> Self {
+    fn with(framing: Framing, payload: ClientBody, limit: u64) -> Self {
         match framing {
             Framing::None => Self::None,
             Framing::Empty => Self::Empty,
@@ -752,13 +820,13 @@ struct BodyProgress {
     finished: Cell<bool>,
     /// The client's body, handed back by a stream that awc dropped without
     /// reading a byte (the connection never came up), for the next instance.
-    untouched: Cell<Option<web::Payload>>,
+    untouched: Cell<Option<ClientBody>>,
 }
 
 /// The client's body stream, failing once more than `remaining` bytes arrive.
 struct CappedPayload {
     /// Always `Some` until dropped.
-    inner: Option<web::Payload>,
+    inner: Option<ClientBody>,
     remaining: u64,
     /// Something was taken from `inner` (a chunk, an error or the end).
     polled: bool,
@@ -766,7 +834,7 @@ struct CappedPayload {
 }
 
 impl CappedPayload {
-    fn new(inner: web::Payload, limit: u64) -> Self {
+    fn new(inner: ClientBody, limit: u64) -> Self {
         Self {
             inner: Some(inner),
             remaining: limit,
