@@ -382,7 +382,6 @@ pub fn load_settings(dir: &Path) -> Settings {
 pub struct TestGateway {
     pub address: SocketAddr,
     /// The TLS listener, when `server.tls.listen` is set.
-    #[allow(dead_code)] // until the TLS tests use it
     pub tls_address: Option<SocketAddr>,
     server: ServerThread,
     reloader: ReloadHandle,
@@ -408,7 +407,6 @@ impl TestGateway {
     }
 
     /// `https://localhost:<TLS port><path>`.
-    #[allow(dead_code)] // until the TLS tests use it
     pub fn tls_url(&self, path: &str) -> String {
         let address = self.tls_address.expect("the gateway has a TLS listener");
         format!("https://localhost:{}{path}", address.port())

@@ -12,4 +12,5 @@ mod process;
 mod rate_limits;
 mod reload;
 mod routing;
+mod tls;
 mod upstream_responses;
