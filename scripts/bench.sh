@@ -8,24 +8,41 @@
 # With BASELINE, that binary (an earlier build) serves the public route too,
 # with the same settings, interleaved with the others: an A/B of a change in
 # one run. ONLY=<regex> keeps the scenarios whose names match it and skips
-# the sustained run, e.g. ONLY='^(nginx|gatehouse public|baseline public)$'.
+# the sustained run, e.g. ONLY='^(nginx|gatehouse public|baseline public)$'
+# or ONLY='TLS|h2|handshake' for the HTTPS scenarios alone.
 # The system under test (nginx proxy or gatehouse, one worker each) is pinned
 # to CPU 0; wrk, the two upstream nginx instances and Redis to the other CPUs.
 # Each round runs every scenario once (A B C … A B C …); the table reports
 # medians. CPU per request is the proxy's utime+stime from /proc/<pid>/stat
 # over the run, divided by the requests wrk completed.
+#
+# HTTPS: both proxies also listen with TLS, with one self-signed ECDSA P-256
+# certificate made at start, TLS 1.2 and 1.3, the cipher suites and key
+# exchange groups in rustls' order (nginx follows the client's order, as
+# rustls does), ALPN h2 and http/1.1. The scenarios "nginx TLS" and
+# "gatehouse TLS" are wrk over keep-alive HTTPS/1.1; "nginx h2" and
+# "gatehouse h2" are h2load over HTTP/2 (H2_STREAMS, default 4, streams per
+# connection; 64 connections); "nginx handshakes" and "gatehouse handshakes"
+# are wrk with `Connection: close` on 16 connections, so every request is a
+# new TCP connection and a full TLS handshake: nginx keeps no session cache
+# and sends no tickets, and wrk is kept from offering the previous session
+# (a small LD_PRELOAD shim drops it on SSL_clear), so neither side resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${1:-5}
 DURATION=${2:-10}
 WARMUP=2
+H2_STREAMS=${H2_STREAMS:-4}
+HANDSHAKE_CONNS=16
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx || ! need redis-server || ! need python3 || ! need pgrep || ! need taskset; then
+if ! need wrk || ! need nginx || ! need redis-server || ! need python3 || ! need pgrep || ! need taskset \
+  || ! need openssl || ! need h2load || ! need cc; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx redis-server python3 procps util-linux
+  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx redis-server python3 procps util-linux \
+    openssl nghttp2-client gcc libc6-dev
 fi
 
 CPUS=$(nproc)
@@ -36,8 +53,10 @@ cargo build --release --quiet --bin gatehouse
 
 WORK=$(mktemp -d)
 PIDS=()
+TW_REUSE_WAS=""
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -z "$TW_REUSE_WAS" ] || sysctl -qw "net.ipv4.tcp_tw_reuse=$TW_REUSE_WAS" 2>/dev/null || true
   for conf in "$WORK"/nginx-*.conf; do
     [ -f "$conf" ] && nginx -c "$conf" -p "$WORK" -s stop 2>/dev/null || true
   done
@@ -51,9 +70,40 @@ wait_port() { for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/nul
 
 UP1=$(free_port); UP2=$(free_port); NGINX_PROXY=$(free_port); REDIS=$(free_port)
 GATEHOUSE=$(free_port); GATEHOUSE_NO_METRICS=$(free_port); GATEHOUSE_INFO_LOG=$(free_port); BASELINE_PORT=$(free_port)
+NGINX_TLS=$(free_port); GATEHOUSE_TLS=$(free_port)
 head -c 16384 /dev/zero | tr '\0' 'x' >"$WORK/16k.txt"
 chmod 755 "$WORK"; chmod 644 "$WORK/16k.txt"   # nginx workers run unprivileged
 mkdir -p "$WORK/logs"
+
+# One certificate for both proxies: self-signed ECDSA P-256 for localhost
+# and 127.0.0.1 (the key in PKCS#8, which both read).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+CERT_KIND="self-signed ECDSA P-256"
+# wrk keeps a connection's SSL object across reconnects and offers the last
+# session again; this drops it, so each of its handshakes is a full one.
+cat >"$WORK/noresume.c" <<'EOF'
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stddef.h>
+int SSL_clear(void *ssl) {
+  static int (*real_clear)(void *);
+  static int (*set_session)(void *, void *);
+  if (!real_clear) {
+    real_clear = (int (*)(void *))dlsym(RTLD_NEXT, "SSL_clear");
+    set_session = (int (*)(void *, void *))dlsym(RTLD_NEXT, "SSL_set_session");
+  }
+  set_session(ssl, NULL);
+  return real_clear(ssl);
+}
+EOF
+cc -shared -fPIC -O2 -o "$WORK/noresume.so" "$WORK/noresume.c" -ldl
+# The handshake runs open ~thousands of loopback connections a second: let
+# TIME_WAIT ports be reused on loopback if that is off (restored at exit).
+if [ "$(sysctl -n net.ipv4.tcp_tw_reuse 2>/dev/null || echo 2)" = 0 ]; then
+  sysctl -qw net.ipv4.tcp_tw_reuse=2 2>/dev/null && TW_REUSE_WAS=0 || echo "note: net.ipv4.tcp_tw_reuse is 0" >&2
+fi
 
 # Two fast upstreams: nginx answering a small JSON body (and a 16 KiB one).
 for port in $UP1 $UP2; do
@@ -77,6 +127,23 @@ EOF
 done
 
 # nginx as a tuned reverse proxy: one worker, keep-alive to the upstreams.
+# Its TLS server: HTTP/2 as nginx spells it (`http2 on;` from 1.25.1, the
+# listen parameter before), no session cache and no tickets (full handshakes
+# only), and rustls' cipher suites and groups in rustls' order, the client's
+# order preferred (ssl_prefer_server_ciphers off, rustls' default too).
+NGINX_VERSION=$(nginx -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p')
+if printf '1.25.1\n%s\n' "$NGINX_VERSION" | sort -V -C; then
+  NGINX_TLS_LISTEN="listen 127.0.0.1:$NGINX_TLS ssl backlog=4096; http2 on;"
+else
+  NGINX_TLS_LISTEN="listen 127.0.0.1:$NGINX_TLS ssl http2 backlog=4096;"
+fi
+PROXY_LOCATION='location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $proxy_host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    }'
 cat >"$WORK/nginx-proxy.conf" <<EOF
 worker_processes 1;
 worker_cpu_affinity 1;
@@ -89,13 +156,20 @@ http {
   upstream backend { server 127.0.0.1:$UP1; server 127.0.0.1:$UP2; keepalive 256; }
   server {
     listen 127.0.0.1:$NGINX_PROXY backlog=4096;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$proxy_host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    }
+    $PROXY_LOCATION
+  }
+  server {
+    $NGINX_TLS_LISTEN
+    ssl_certificate $WORK/cert.pem;
+    ssl_certificate_key $WORK/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_prefer_server_ciphers off;
+    ssl_ciphers ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-CHACHA20-POLY1305;
+    ssl_conf_command Ciphersuites TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256;
+    ssl_ecdh_curve X25519:prime256v1:secp384r1;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+    $PROXY_LOCATION
   }
 }
 EOF
@@ -140,17 +214,21 @@ rate_limit = "bench"
 EOF
 # The gatehouse under test (access log off, as nginx's), plus two variants
 # for the cost of metrics and of the per-request log line at the default
-# level (info, written to a file).
-start_gatehouse() { # port log-level metrics [binary]
-  GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench GATEHOUSE_LOG=$2 GATEHOUSE_METRICS=$3 \
+# level (info, written to a file). The main one also has the TLS listener,
+# given in its environment only (a BASELINE build may not know [server.tls]).
+start_gatehouse() { # port log-level metrics [binary] [TLS port]
+  local tls=()
+  [ -z "${5:-}" ] || tls=(GATEHOUSE__SERVER__TLS__LISTEN="127.0.0.1:$5"
+    GATEHOUSE__SERVER__TLS__CERT_FILE="$WORK/cert.pem" GATEHOUSE__SERVER__TLS__KEY_FILE="$WORK/key.pem")
+  env "${tls[@]}" GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench GATEHOUSE_LOG=$2 GATEHOUSE_METRICS=$3 \
     GATEHOUSE__SERVER__LISTEN="127.0.0.1:$1" taskset -c "$PROXY_CPU" "${4:-./target/release/gatehouse}" \
     2>>"$WORK/logs/gatehouse-$1.log" &
   PIDS+=($!)
 }
-start_gatehouse "$GATEHOUSE" warn on; GATEHOUSE_PID=$!
+start_gatehouse "$GATEHOUSE" warn on "" "$GATEHOUSE_TLS"; GATEHOUSE_PID=$!
 start_gatehouse "$GATEHOUSE_NO_METRICS" warn off; NO_METRICS_PID=$!
 start_gatehouse "$GATEHOUSE_INFO_LOG" info on; INFO_LOG_PID=$!
-PORTS="$UP1 $UP2 $NGINX_PROXY $REDIS $GATEHOUSE $GATEHOUSE_NO_METRICS $GATEHOUSE_INFO_LOG"
+PORTS="$UP1 $UP2 $NGINX_PROXY $NGINX_TLS $REDIS $GATEHOUSE $GATEHOUSE_TLS $GATEHOUSE_NO_METRICS $GATEHOUSE_INFO_LOG"
 if [ -n "${BASELINE:-}" ]; then
   start_gatehouse "$BASELINE_PORT" warn on "$BASELINE"; BASELINE_PID=$!
   PORTS="$PORTS $BASELINE_PORT"
@@ -159,7 +237,25 @@ for port in $PORTS; do wait_port "$port"; done
 NGINX_PID=$(pgrep -f "nginx: worker process" -P "$(cat "$WORK/nginx-proxy.pid")" | head -1)
 TOKEN=$(GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench ./target/release/gatehouse token --sub bench --ttl 86400)
 
-# name | url | pid to measure (empty: none) | extra wrk header
+# What each TLS listener negotiates with the OpenSSL client (wrk's), and
+# whether it resumes a session when the client offers one (TLS 1.2 session
+# ID; the handshake runs never offer one): reported.
+tls_facts() { # port
+  local out reused
+  out=$(openssl s_client -connect "127.0.0.1:$1" -alpn h2,http/1.1 </dev/null 2>/dev/null | tr -d '\0' || true)
+  reused=$(openssl s_client -connect "127.0.0.1:$1" -tls1_2 -reconnect </dev/null 2>/dev/null | grep -c '^Reused' || true)
+  printf '%s, %s, %s signature, ALPN %s (h2,http/1.1 offered), resumes an offered TLS 1.2 session: %s' \
+    "$(sed -n 's/^New, \(TLSv[0-9.]*\), Cipher is \(.*\)/\1 \2/p' <<<"$out" | head -1)" \
+    "$(sed -n 's/^Server Temp Key: \([^,]*\).*/\1/p' <<<"$out" | head -1)" \
+    "$(sed -n 's/^Peer signature type: \(.*\)/\1/p' <<<"$out" | head -1)" \
+    "$(sed -n 's/^ALPN protocol: \(.*\)/\1/p' <<<"$out" | head -1)" \
+    "$([ "${reused:-0}" -gt 0 ] && echo yes || echo no)"
+}
+TLS_FACTS_NGINX=$(tls_facts "$NGINX_TLS")
+TLS_FACTS_GATEHOUSE=$(tls_facts "$GATEHOUSE_TLS")
+
+# name | url | pid to measure (empty: none) | extra wrk header | tool: "" wrk,
+# h2 h2load, handshake wrk with a new connection (and TLS handshake) a request
 SCENARIOS=(
   "direct|http://127.0.0.1:$UP1/item||"
   "nginx|http://127.0.0.1:$NGINX_PROXY/item|$NGINX_PID|"
@@ -172,6 +268,12 @@ SCENARIOS=(
   "direct 16KiB|http://127.0.0.1:$UP1/big||"
   "nginx 16KiB|http://127.0.0.1:$NGINX_PROXY/big|$NGINX_PID|"
   "gatehouse 16KiB|http://127.0.0.1:$GATEHOUSE/public/big|$GATEHOUSE_PID|"
+  "nginx TLS|https://127.0.0.1:$NGINX_TLS/item|$NGINX_PID|"
+  "gatehouse TLS|https://127.0.0.1:$GATEHOUSE_TLS/public/item|$GATEHOUSE_PID|"
+  "nginx h2|https://127.0.0.1:$NGINX_TLS/item|$NGINX_PID||h2"
+  "gatehouse h2|https://127.0.0.1:$GATEHOUSE_TLS/public/item|$GATEHOUSE_PID||h2"
+  "nginx handshakes|https://127.0.0.1:$NGINX_TLS/item|$NGINX_PID|Connection: close|handshake"
+  "gatehouse handshakes|https://127.0.0.1:$GATEHOUSE_TLS/public/item|$GATEHOUSE_PID|Connection: close|handshake"
 )
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -182,37 +284,78 @@ RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 GATEHOUSE_RSS_START=$(rss_kib "$GATEHOUSE_PID")
 
-run_one() { # round name url pid header connections
-  local round=$1 name=$2 url=$3 pid=$4 header=$5 conns=$6 out before after
-  local args=(-t1 -c"$conns" -d"${DURATION}s" --latency)
-  [ -n "$header" ] && args+=(-H "$header")
-  taskset -c "$LOAD_CPUS" wrk -t1 -c"$conns" -d"${WARMUP}s" ${header:+-H "$header"} "$url" >/dev/null
+run_one() { # round name url pid header connections tool
+  local round=$1 name=$2 url=$3 pid=$4 header=$5 conns=$6 tool=$7 before after
+  local load=(taskset -c "$LOAD_CPUS")
+  [ "$tool" = handshake ] && load=(env LD_PRELOAD="$WORK/noresume.so" "${load[@]}")
+  if [ "$tool" = h2 ]; then
+    "${load[@]}" h2load -t1 -c"$conns" -m"$H2_STREAMS" -D "$WARMUP" "$url" >/dev/null || true
+  else
+    "${load[@]}" wrk -t1 -c"$conns" -d"${WARMUP}s" ${header:+-H "$header"} "$url" >/dev/null
+  fi
   before=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
   redis_before=$(cpu_ticks "$REDIS_PID")
-  out=$(taskset -c "$LOAD_CPUS" wrk "${args[@]}" "$url")
+  if [ "$tool" = h2 ]; then
+    : >"$WORK/h2load.log"
+    "${load[@]}" h2load -t1 -c"$conns" -m"$H2_STREAMS" -D "$DURATION" --log-file="$WORK/h2load.log" "$url" >"$WORK/out.txt" || true
+  else
+    local args=(-t1 -c"$conns" -d"${DURATION}s" --latency)
+    [ -n "$header" ] && args+=(-H "$header")
+    "${load[@]}" wrk "${args[@]}" "$url" >"$WORK/out.txt"
+  fi
   after=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
   redis_after=$(cpu_ticks "$REDIS_PID")
-  python3 - "$round" "$name" "$conns" "$((after - before))" "$(getconf CLK_TCK)" "$RESULTS" "$((redis_after - redis_before))" <<PY
-import re, sys
-round_, name, conns, ticks, hz, path, redis_ticks = sys.argv[1:8]
-out = """$out"""
+  python3 - "$round" "$name" "$conns" "$((after - before))" "$(getconf CLK_TCK)" "$RESULTS" "$((redis_after - redis_before))" \
+    "$tool" "$WORK" <<'PY'
+import re, statistics, sys
+round_, name, conns, ticks, hz, path, redis_ticks, tool, work = sys.argv[1:10]
+out = open(f"{work}/out.txt").read()
 def dur(pattern):
     found = re.search(pattern + r"\s+([\d.]+)(us|ms|s|m)\b", out)
     if not found:
         return float("nan")
     value, unit = found.groups()
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
-found = re.search(r"(\d+) requests in", out)
-if not found:
-    sys.stderr.write(f"unreadable wrk output for {name}:\n{out}\n")
-    sys.exit(0)
-requests = int(found.group(1))
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-p50 = dur(r"50%")
-p99 = dur(r"99%")
-errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
-non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-errors += int(non2xx.group(1)) if non2xx else 0
+if tool == "h2":
+    # h2load: "finished in 10.00s, 12345.67 req/s, …", "requests: … N done,
+    # N succeeded, N failed, …", "status codes: …"; latencies from its log
+    # (start µs, status, duration µs per request).
+    finished = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
+    counts = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if not finished or not counts:
+        sys.stderr.write(f"unreadable h2load output for {name}:\n{out}\n")
+        sys.exit(0)
+    rps = float(finished.group(1))
+    requests, succeeded, failed, errored, timeouts = (int(n) for n in counts.groups())
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    errors = max(failed, requests - int(codes.group(1))) if codes else failed
+    latencies = []
+    for line in open(f"{work}/h2load.log"):
+        fields = line.split()
+        if len(fields) == 3:
+            latencies.append(int(fields[2]) / 1000)
+    if len(latencies) >= 2:
+        cuts = statistics.quantiles(latencies, n=100)
+        p50, p99 = cuts[49], cuts[98]
+    else:
+        p50 = p99 = float("nan")
+    facts = [re.search(rf"^{key}: (.*)$", out, re.M) for key in ("TLS Protocol", "Cipher", "Server Temp Key", "Application protocol")]
+    with open(f"{work}/h2-facts.tsv", "a") as f:
+        f.write(name + "\t" + ", ".join(m.group(1).strip() for m in facts if m) + "\n")
+else:
+    found = re.search(r"(\d+) requests in", out)
+    if not found:
+        sys.stderr.write(f"unreadable wrk output for {name}:\n{out}\n")
+        sys.exit(0)
+    requests = int(found.group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = dur(r"50%")
+    p99 = dur(r"99%")
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx.group(1)) if non2xx else 0
+if errors:
+    sys.stderr.write(f"{name}, {conns} connections: {errors} errors or non-2xx responses:\n{out}\n")
 cpu_us = int(ticks) / int(hz) * 1e6 / requests if requests and int(ticks) else 0.0
 with open(path, "a") as f:
     redis_us = int(redis_ticks) / int(hz) * 1e6 / requests if requests else 0.0
@@ -224,14 +367,19 @@ echo "bench: $ROUNDS rounds x ${DURATION}s, proxy on CPU $PROXY_CPU, load on CPU
 for round in $(seq "$ROUNDS"); do
   for conns in 64 256; do
     for scenario in "${SCENARIOS[@]}"; do
-      IFS='|' read -r name url pid header <<<"$scenario"
+      IFS='|' read -r name url pid header tool <<<"$scenario"
       # The metrics and log variants also take the 256-connection runs: a
       # process that has served them keeps more pooled upstream connections,
       # and the comparison with the main process should not hinge on that.
+      # HTTP/2 and the handshakes run once a round, in the 64 pass (h2 with
+      # H2_STREAMS streams on each of the 64 connections; handshakes on 16,
+      # which is plenty for handshakes and spares the ephemeral ports).
       case "$name" in *16KiB*) [ "$conns" = 64 ] || continue ;; esac
+      case "$tool" in h2|handshake) [ "$conns" = 64 ] || continue ;; esac
       [ -z "${ONLY:-}" ] || [[ "$name" =~ $ONLY ]] || continue
-      echo "round $round/$ROUNDS: $name, $conns connections" >&2
-      run_one "$round" "$name" "$url" "$pid" "$header" "$conns"
+      run_conns=$conns; [ "$tool" = handshake ] && run_conns=$HANDSHAKE_CONNS
+      echo "round $round/$ROUNDS: $name, $run_conns connections${tool:+ ($tool)}" >&2
+      run_one "$round" "$name" "$url" "$pid" "$header" "$run_conns" "$tool"
     done
   done
 done
@@ -252,10 +400,13 @@ GATEHOUSE_RSS_END=$(rss_kib "$GATEHOUSE_PID")
 GATEHOUSE_HWM=$(hwm_kib "$GATEHOUSE_PID")
 
 python3 - "$RESULTS" "$GATEHOUSE_RSS_START" "$GATEHOUSE_RSS_END" "$GATEHOUSE_HWM" "$ROUNDS" "$DURATION" \
-  "$SUSTAINED_RSS_START" "$SUSTAINED_RSS_END" "$SUSTAINED_REQUESTS" <<'PY'
-import statistics, sys
+  "$SUSTAINED_RSS_START" "$SUSTAINED_RSS_END" "$SUSTAINED_REQUESTS" \
+  "$H2_STREAMS" "$CERT_KIND" "$TLS_FACTS_NGINX" "$TLS_FACTS_GATEHOUSE" "$WORK/h2-facts.tsv" "$NGINX_VERSION" <<'PY'
+import os, statistics, sys
 from collections import defaultdict
 path, rss_start, rss_end, hwm, rounds, duration, sus_start, sus_end, sus_requests = sys.argv[1:10]
+h2_streams, cert_kind, facts_nginx, facts_gatehouse, h2_facts_path, nginx_version = sys.argv[10:16]
+TLS_KINDS = ("TLS", "h2", "handshakes")
 rows = defaultdict(list)
 order = []
 for line in open(path):
@@ -266,7 +417,12 @@ for line in open(path):
     rows[key].append((float(rps), float(p50), float(p99), int(errors), float(cpu), float(redis_cpu)))
 def med(key, i):
     return statistics.median(r[i] for r in rows[key])
-print(f"Medians of {rounds} interleaved rounds of {duration} s (wrk -t1; proxy pinned to one CPU, one worker).\n")
+print(f"Medians of {rounds} interleaved rounds of {duration} s (wrk -t1; proxy pinned to one CPU, one worker).")
+if any(name.rsplit(" ", 1)[-1] in TLS_KINDS for name, _ in order):
+    print(f"HTTPS rows: TLS = wrk, keep-alive HTTP/1.1; h2 = h2load -t1, conns × streams; handshakes = wrk with"
+          f" `Connection: close`, a new connection and full TLS handshake per request (req/s = handshakes/s, CPU µs per"
+          f" handshake; wrk's latency starts after the handshake). h2 latencies are from h2load's request log.")
+print()
 print("| scenario | conns | req/s | p50 ms | p99 ms | errors | CPU µs/req | req/s vs direct | req/s vs nginx | CPU vs nginx |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for name, conns in order:
@@ -274,13 +430,15 @@ for name, conns in order:
     rps, p50, p99, cpu = med(key, 0), med(key, 1), med(key, 2), med(key, 4)
     errors = sum(r[3] for r in rows[key])
     big = "16KiB" in name
-    direct = ("direct 16KiB" if big else "direct", conns)
-    nginx = ("nginx 16KiB" if big else "nginx", conns)
+    kind = name.rsplit(" ", 1)[-1] if name.rsplit(" ", 1)[-1] in TLS_KINDS else ""
+    direct = ("direct 16KiB" if big else "direct" + (f" {kind}" if kind else ""), conns)
+    nginx = ("nginx 16KiB" if big else "nginx" + (f" {kind}" if kind else ""), conns)
     vs_direct = f"{rps / med(direct, 0):.2f}" if direct in rows else ""
     vs_nginx = f"{rps / med(nginx, 0):.2f}" if nginx in rows and not name.startswith("direct") else ""
     cpu_nginx = f"{cpu / med(nginx, 4):.2f}" if nginx in rows and cpu and med(nginx, 4) else ""
     cpu_text = f"{cpu:.1f}" if cpu else "–"
-    print(f"| {name} | {conns} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {errors} | {cpu_text} | {vs_direct} | {vs_nginx} | {cpu_nginx} |")
+    conns_text = f"{conns}×{h2_streams}" if kind == "h2" else conns
+    print(f"| {name} | {conns_text} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {errors} | {cpu_text} | {vs_direct} | {vs_nginx} | {cpu_nginx} |")
 print()
 def ratio(a, b, i):
     return med(a, i) / med(b, i) if a in rows and b in rows and med(b, i) else float("nan")
@@ -299,4 +457,35 @@ print(f"- metrics cost: CPU/req {100 * (ratio(public, no_metrics, 4) - 1):+.1f} 
 print(f"- per-request info log line: CPU/req {100 * (ratio(info_log, public, 4) - 1):+.1f} % against warn level")
 print(f"- gatehouse RSS: {int(rss_start)/1024:.1f} MiB idle at start, {int(rss_end)/1024:.1f} MiB at the end, peak {int(hwm)/1024:.1f} MiB")
 print(f"- sustained 60 s at 256 connections ({int(sus_requests)} requests): RSS {int(sus_start)/1024:.1f} MiB after 5 s, {int(sus_end)/1024:.1f} MiB at 65 s")
+if any(name.rsplit(" ", 1)[-1] in TLS_KINDS for name, _ in order):
+    def cpu(name, conns):
+        key = (name, conns)
+        return f"{med(key, 4):.1f} µs" if key in rows else "n/a"
+    def rps(name, conns):
+        key = (name, conns)
+        return f"{med(key, 0):.0f}" if key in rows else "n/a"
+    tls_ratios = ", ".join(f"{ratio(('gatehouse TLS', c), ('nginx TLS', c), 4):.2f}× nginx's at {c} connections"
+                           f" ({cpu('gatehouse TLS', c)} vs {cpu('nginx TLS', c)})"
+                           for c in (64, 256) if ('gatehouse TLS', c) in rows and ('nginx TLS', c) in rows)
+    print(f"- TLS keep-alive: gatehouse CPU/req = {tls_ratios or 'n/a'} (target ≤ 1.3)")
+    print(f"- h2 vs h1.1 over TLS: gatehouse CPU/req h2 = {cpu('gatehouse h2', 64)} (64×{h2_streams} streams)"
+          f" vs h1.1 = {cpu('gatehouse TLS', 64)} (64 conns) / {cpu('gatehouse TLS', 256)} (256 conns);"
+          f" nginx h2 = {cpu('nginx h2', 64)} vs h1.1 = {cpu('nginx TLS', 64)} / {cpu('nginx TLS', 256)};"
+          f" gatehouse h2 CPU/req = {ratio(('gatehouse h2', 64), ('nginx h2', 64), 4):.2f}× nginx's")
+    hs = [k for k in order if k[0] == "gatehouse handshakes"]
+    c = hs[0][1] if hs else 16
+    print(f"- handshakes/s on one core ({c} connections, a full handshake each): gatehouse {rps('gatehouse handshakes', c)}"
+          f" ({cpu('gatehouse handshakes', c)} CPU/handshake, {1e6 / med(('gatehouse handshakes', c), 4) if ('gatehouse handshakes', c) in rows and med(('gatehouse handshakes', c), 4) else float('nan'):.0f}/s if the core were all its own),"
+          f" nginx {rps('nginx handshakes', c)} ({cpu('nginx handshakes', c)} CPU/handshake,"
+          f" {1e6 / med(('nginx handshakes', c), 4) if ('nginx handshakes', c) in rows and med(('nginx handshakes', c), 4) else float('nan'):.0f}/s if all its own);"
+          f" gatehouse CPU/handshake = {ratio(('gatehouse handshakes', c), ('nginx handshakes', c), 4):.2f}× nginx's")
+    print(f"- TLS setup: one {cert_kind} certificate for localhost/127.0.0.1, TLS 1.2 and 1.3, ALPN h2 and http/1.1; nginx {nginx_version}"
+          f" with ssl_session_cache off and ssl_session_tickets off, cipher suites and groups in rustls' order")
+    print(f"- negotiated with the OpenSSL client (wrk): gatehouse {facts_gatehouse}; nginx {facts_nginx}")
+    if os.path.exists(h2_facts_path):
+        latest = {}
+        for line in open(h2_facts_path):
+            name, facts = line.rstrip("\n").split("\t", 1)
+            latest[name] = facts
+        print("- negotiated with h2load: " + "; ".join(f"{name}: {facts}" for name, facts in latest.items()))
 PY
