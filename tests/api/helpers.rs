@@ -243,7 +243,8 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-fn pattern_stream(len: usize) -> impl futures_util::Stream<Item = Result<web::Bytes, actix_web::Error>> {
+/// `len` bytes of the test pattern, 64 KiB at a time, never held whole.
+pub fn pattern_stream<E>(len: usize) -> impl futures_util::Stream<Item = Result<web::Bytes, E>> {
     const CHUNK: usize = 64 * 1024;
     futures_util::stream::iter((0..len).step_by(CHUNK).map(move |start| {
         let end = (start + CHUNK).min(len);
@@ -296,12 +297,14 @@ async fn upstream_handler(req: HttpRequest, mut payload: web::Payload, data: Ups
     match (parent, last) {
         ("download", n) => {
             let len: usize = n.parse().unwrap_or(0);
-            response.no_chunking(len as u64).streaming(pattern_stream(len))
+            response
+                .no_chunking(len as u64)
+                .streaming(pattern_stream::<actix_web::Error>(len))
         }
         ("chunked", n) => {
             let len: usize = n.parse().unwrap_or(0);
             response.insert_header(("content-type", "application/octet-stream"));
-            response.streaming(pattern_stream(len))
+            response.streaming(pattern_stream::<actix_web::Error>(len))
         }
         (_, "gzip") => {
             use flate2::write::GzEncoder;

@@ -320,15 +320,6 @@ fn read_until_close(stream: &mut TlsStream, limit: Duration) -> (String, bool) {
     (String::from_utf8_lossy(&received).into_owned(), false)
 }
 
-/// `len` bytes of the download pattern, 64 KiB at a time, never held whole.
-fn pattern_upload(len: usize) -> impl futures_util::Stream<Item = Result<Bytes, io::Error>> + 'static {
-    const CHUNK: usize = 64 * 1024;
-    futures_util::stream::iter((0..len).step_by(CHUNK).map(move |start| {
-        let end = (start + CHUNK).min(len);
-        Ok(Bytes::from((start..end).map(pattern_byte).collect::<Vec<u8>>()))
-    }))
-}
-
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(pattern_byte).collect()
 }
@@ -1165,7 +1156,7 @@ async fn fifty_mib_bodies_stream_through_intact_both_ways_over_http2_and_http11_
         let response = big
             .post(gateway.tls_url("/api/upload"))
             .timeout(Duration::from_secs(600))
-            .send_stream(pattern_upload(size))
+            .send_stream(pattern_stream::<io::Error>(size))
             .await
             .unwrap_or_else(|err| panic!("{over}: the upload failed: {err}"));
         assert_eq!(version_name(response.version()), over);
