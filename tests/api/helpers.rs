@@ -34,6 +34,9 @@ pub struct SeenRequest {
     pub headers: BTreeMap<String, Vec<String>>,
     pub body_len: usize,
     pub body_sha256: String,
+    /// The gateway's end of the connection the request came on: the same
+    /// for requests that reused a pooled connection.
+    pub peer: Option<SocketAddr>,
 }
 
 impl SeenRequest {
@@ -283,6 +286,7 @@ async fn upstream_handler(req: HttpRequest, mut payload: web::Payload, data: Ups
         headers,
         body_len,
         body_sha256: hex(&hasher.finalize()),
+        peer: req.peer_addr(),
     };
     state.hits.fetch_add(1, Ordering::SeqCst);
     state.seen.lock().unwrap().push(seen.clone());

@@ -333,6 +333,29 @@ async fn an_instance_removed_by_a_reload_gets_no_new_request() {
     assert_eq!(u2.hits(), u2_hits, "the removed instance took no new request");
 }
 
+#[actix_web::test]
+async fn an_unchanged_instance_keeps_its_pooled_upstream_connection_across_a_reload() {
+    let upstream = Upstream::start("u1");
+    let gateway = TestGateway::builder().workers(1).start(&api(&[&upstream]));
+    assert_eq!(answered_by(&get(&gateway.url("/api/before")).await), "u1");
+    let before = upstream
+        .last_seen()
+        .peer
+        .expect("the upstream saw the gateway's address");
+
+    let with_extra = format!("{}{}", api(&[&upstream]), route("extra", "/extra"));
+    assert_eq!(reconfigure(&gateway, &with_extra).await, 2);
+
+    assert_eq!(answered_by(&get(&gateway.url("/api/after")).await), "u1");
+    let after = upstream.last_seen();
+    assert_eq!(after.target, "/api/after");
+    assert_eq!(
+        after.peer,
+        Some(before),
+        "the request after the reload came on the connection pooled before it"
+    );
+}
+
 /// A route `/limited` with the policy `burst` of `max` per minute.
 fn limited(upstream: &Upstream, max: u64) -> String {
     format!(
