@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Benchmarks gatehouse against a direct upstream and a tuned nginx reverse
-# proxy, side by side, in one run, on loopback.
+# Benchmarks gatehouse against a direct upstream, a tuned nginx reverse
+# proxy, and nginx doing the same per-request work as gatehouse's public route
+# (scripts/nginx-equal-work.conf, whose comments say what it does:
+# security headers, request id, forwarding headers), side by side, in one
+# run, on loopback.
 #
 #   scripts/bench.sh [ROUNDS] [SECONDS]      (defaults: 5 rounds of 10 s)
 #   BASELINE=path/to/gatehouse scripts/bench.sh …
@@ -68,7 +71,7 @@ trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_port() { for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
-UP1=$(free_port); UP2=$(free_port); NGINX_PROXY=$(free_port); REDIS=$(free_port)
+UP1=$(free_port); UP2=$(free_port); NGINX_PROXY=$(free_port); NGINX_EQUAL=$(free_port); REDIS=$(free_port)
 GATEHOUSE=$(free_port); GATEHOUSE_NO_METRICS=$(free_port); GATEHOUSE_INFO_LOG=$(free_port); BASELINE_PORT=$(free_port)
 NGINX_TLS=$(free_port); GATEHOUSE_TLS=$(free_port)
 head -c 16384 /dev/zero | tr '\0' 'x' >"$WORK/16k.txt"
@@ -174,6 +177,12 @@ http {
 }
 EOF
 taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx-proxy.conf" -p "$WORK"
+# nginx doing gatehouse's per-request work (the file's own comments say
+# what); it runs in the foreground (daemon off), its pid file in $WORK.
+sed -e "s/PROXY_PORT/$NGINX_EQUAL/" -e "s/UPSTREAM_1/$UP1/" -e "s/UPSTREAM_2/$UP2/" \
+  scripts/nginx-equal-work.conf >"$WORK/nginx-equal-work.conf"
+taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx-equal-work.conf" -p "$WORK" &
+PIDS+=($!); NGINX_EQUAL_MASTER=$!
 
 taskset -c "$LOAD_CPUS" redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
 PIDS+=($!); REDIS_PID=$!
@@ -228,13 +237,14 @@ start_gatehouse() { # port log-level metrics [binary] [TLS port]
 start_gatehouse "$GATEHOUSE" warn on "" "$GATEHOUSE_TLS"; GATEHOUSE_PID=$!
 start_gatehouse "$GATEHOUSE_NO_METRICS" warn off; NO_METRICS_PID=$!
 start_gatehouse "$GATEHOUSE_INFO_LOG" info on; INFO_LOG_PID=$!
-PORTS="$UP1 $UP2 $NGINX_PROXY $NGINX_TLS $REDIS $GATEHOUSE $GATEHOUSE_TLS $GATEHOUSE_NO_METRICS $GATEHOUSE_INFO_LOG"
+PORTS="$UP1 $UP2 $NGINX_PROXY $NGINX_EQUAL $NGINX_TLS $REDIS $GATEHOUSE $GATEHOUSE_TLS $GATEHOUSE_NO_METRICS $GATEHOUSE_INFO_LOG"
 if [ -n "${BASELINE:-}" ]; then
   start_gatehouse "$BASELINE_PORT" warn on "$BASELINE"; BASELINE_PID=$!
   PORTS="$PORTS $BASELINE_PORT"
 fi
 for port in $PORTS; do wait_port "$port"; done
 NGINX_PID=$(pgrep -f "nginx: worker process" -P "$(cat "$WORK/nginx-proxy.pid")" | head -1)
+NGINX_EQUAL_PID=$(pgrep -f "nginx: worker process" -P "$NGINX_EQUAL_MASTER" | head -1)
 TOKEN=$(GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench ./target/release/gatehouse token --sub bench --ttl 86400)
 
 # What each TLS listener negotiates with the OpenSSL client (wrk's), and
@@ -259,6 +269,7 @@ TLS_FACTS_GATEHOUSE=$(tls_facts "$GATEHOUSE_TLS")
 SCENARIOS=(
   "direct|http://127.0.0.1:$UP1/item||"
   "nginx|http://127.0.0.1:$NGINX_PROXY/item|$NGINX_PID|"
+  "nginx equal work|http://127.0.0.1:$NGINX_EQUAL/api/products/item|$NGINX_EQUAL_PID|"
   "gatehouse public|http://127.0.0.1:$GATEHOUSE/public/item|$GATEHOUSE_PID|"
   ${BASELINE:+"baseline public|http://127.0.0.1:$BASELINE_PORT/public/item|$BASELINE_PID|"}
   "gatehouse public, no metrics|http://127.0.0.1:$GATEHOUSE_NO_METRICS/public/item|$NO_METRICS_PID|"
@@ -453,6 +464,12 @@ for conns in (64, 256):
     if baseline in rows:
         print(f"- c{conns}: this build against BASELINE on the public route: CPU/req {100 * (ratio(('gatehouse public', conns), baseline, 4) - 1):+.1f} %,"
               f" req/s {100 * (ratio(('gatehouse public', conns), baseline, 0) - 1):+.1f} %, p99 {med(('gatehouse public', conns), 2):.2f} vs {med(baseline, 2):.2f} ms")
+for conns in (64, 256):
+    public, equal = ("gatehouse public", conns), ("nginx equal work", conns)
+    if public in rows and equal in rows:
+        print(f"- c{conns}: gatehouse public against nginx doing equal work: CPU/req {ratio(public, equal, 4):.2f}x"
+              f" ({med(public, 4):.1f} vs {med(equal, 4):.1f} µs), p99 {med(public, 2):.2f} vs {med(equal, 2):.2f} ms,"
+              f" req/s {ratio(public, equal, 0):.2f}x")
 print(f"- metrics cost: CPU/req {100 * (ratio(public, no_metrics, 4) - 1):+.1f} % against no metrics")
 print(f"- per-request info log line: CPU/req {100 * (ratio(info_log, public, 4) - 1):+.1f} % against warn level")
 print(f"- gatehouse RSS: {int(rss_start)/1024:.1f} MiB idle at start, {int(rss_end)/1024:.1f} MiB at the end, peak {int(hwm)/1024:.1f} MiB")
