@@ -16,8 +16,9 @@ use actix_web::http::uri::{Authority, Scheme};
 use ipnet::IpNet;
 
 use crate::auth::Verifier;
+use crate::cors::CorsPolicy;
 use crate::ratelimit::Policy;
-use crate::routing::{parse_method, Route, RouteTable};
+use crate::routing::{parse_method, HostPattern, Route, RouteTable};
 use crate::settings::{PolicyKey, RateLimitBackend, Settings};
 
 /// What serving needs from the settings, built by [`compile`].
@@ -100,7 +101,6 @@ pub struct Gateway {
     pub trusted_proxies: Vec<IpNet>,
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
-    pub request_timeout: Duration,
     /// `None`: an upstream body may pause for ever.
     pub body_idle_timeout: Option<Duration>,
     /// Some route keeps `%2F` encoded, so a path refused for one is looked
@@ -109,6 +109,8 @@ pub struct Gateway {
     /// Some route has `security_headers = false`, so responses are checked
     /// for their route before the headers go on.
     pub any_route_drops_security_headers: bool,
+    /// Preflights are looked for only when some route answers CORS.
+    pub any_route_has_cors: bool,
     /// TLS for `https://` instances (proxying and probes).
     pub upstream_tls: Arc<rustls::ClientConfig>,
 }
@@ -166,7 +168,6 @@ impl Gateway {
                 service,
                 auth: route.needs_auth(),
                 roles: route.roles.clone(),
-                methods,
                 strip_prefix: route.strip_prefix,
                 preserve_host: route.preserve_host,
                 allow_encoded_slash: route.allow_encoded_slash,
@@ -178,10 +179,32 @@ impl Gateway {
                             .ok_or_else(|| format!("routes.{name}.rate_limit: no policy named {policy:?}"))?,
                     ),
                 },
+                hosts: route
+                    .hosts
+                    .iter()
+                    .map(|host| {
+                        HostPattern::parse(host).map_err(|reason| format!("routes.{name}.hosts: {host:?} {reason}"))
+                    })
+                    .collect::<Result<_, _>>()?,
+                websocket: route.websocket,
+                request_timeout: match route.timeout_ms {
+                    0 => Duration::from_millis(settings.upstream.request_timeout_ms),
+                    ms => Duration::from_millis(ms),
+                },
+                cors: route
+                    .cors
+                    .as_ref()
+                    .map(|cors| {
+                        CorsPolicy::compile(cors, methods.as_deref())
+                            .map_err(|reason| format!("routes.{name}.{reason}"))
+                    })
+                    .transpose()?,
+                methods,
             });
         }
         let any_route_allows_encoded_slash = routes.iter().any(|route| route.allow_encoded_slash);
         let any_route_drops_security_headers = routes.iter().any(|route| !route.security_headers);
+        let any_route_has_cors = routes.iter().any(|route| route.cors.is_some());
         Ok(Self {
             services,
             routes: RouteTable::new(routes),
@@ -190,13 +213,13 @@ impl Gateway {
             trusted_proxies: settings.server.trusted_proxies.clone(),
             max_body_bytes: settings.server.max_body_bytes,
             max_header_bytes: settings.server.max_header_bytes,
-            request_timeout: Duration::from_millis(settings.upstream.request_timeout_ms),
             body_idle_timeout: match settings.upstream.body_idle_timeout_ms {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
             },
             any_route_allows_encoded_slash,
             any_route_drops_security_headers,
+            any_route_has_cors,
             upstream_tls: crate::tls::upstream_client_config(&settings.upstream)?,
         })
     }

@@ -5,10 +5,12 @@
 //! - [`middleware`]: security headers, request id, logging span, then
 //!   [`middleware::route_match`], which normalizes the path ([`routing`]) and
 //!   picks the route, and [`middleware::auth`], which checks bearer tokens
-//!   with [`auth`].
+//!   with [`auth`]; [`middleware::cors`] answers preflights and adds a
+//!   route's CORS headers ([`cors`]).
 //! - [`worker`]'s dispatch handler answers the gateway's own [`endpoints`]
 //!   or hands the request to [`proxy`], which asks this worker's
-//!   [`actors::balancer`] for an instance and forwards with awc.
+//!   [`actors::balancer`] for an instance and forwards with awc, or to
+//!   [`websocket`], which tunnels WebSocket upgrades.
 //! - [`startup`] binds, starts the actors and the workers; [`reload`] puts
 //!   a new configuration in force on SIGHUP or a file change.
 //! - [`error`] maps every refusal to the spec's JSON bodies.
@@ -21,6 +23,7 @@
 pub mod actors;
 pub mod auth;
 pub mod cli;
+pub mod cors;
 pub mod endpoints;
 pub mod error;
 pub mod gateway;
@@ -34,4 +37,5 @@ pub mod settings;
 pub mod startup;
 pub mod telemetry;
 pub mod tls;
+pub mod websocket;
 pub mod worker;

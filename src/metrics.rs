@@ -150,6 +150,17 @@ pub fn forget_request_series() {
     REQUEST_SERIES.with(|series| series.borrow_mut().clear());
 }
 
+/// A WebSocket tunnel opened on `route`.
+pub fn tunnel_opened(route: &str) {
+    metrics::gauge!("gatehouse_websocket_tunnels_open", "route" => route.to_owned()).increment(1.0);
+}
+
+/// A tunnel on `route` ended, `how` as [`crate::websocket`] labels it.
+pub fn tunnel_closed(route: &str, how: &'static str) {
+    metrics::gauge!("gatehouse_websocket_tunnels_open", "route" => route.to_owned()).decrement(1.0);
+    metrics::counter!("gatehouse_websocket_tunnels_total", "route" => route.to_owned(), "ended" => how).increment(1);
+}
+
 pub fn config_generation(generation: u64) {
     metrics::gauge!("gatehouse_config_generation").set(generation as f64);
 }

@@ -141,7 +141,7 @@ pub async fn forward(
     ctx: &Snapshot,
 ) -> Result<HttpResponse, GatewayError> {
     // One deadline for the whole forward: a retry only gets what is left.
-    let deadline = Instant::now() + ctx.gateway.request_timeout;
+    let deadline = Instant::now() + route.request_timeout;
     let service = &ctx.gateway.services[route.service];
     let path_and_query = upstream_path_and_query(req, route, path)?;
     let payload = payload.into_inner();
@@ -262,7 +262,11 @@ impl Forwarding<'_> {
     }
 }
 
-fn upstream_path_and_query(req: &HttpRequest, route: &Route, path: &str) -> Result<PathAndQuery, GatewayError> {
+pub(crate) fn upstream_path_and_query(
+    req: &HttpRequest,
+    route: &Route,
+    path: &str,
+) -> Result<PathAndQuery, GatewayError> {
     let path = if route.strip_prefix {
         strip_route_prefix(path, &route.prefix)
     } else {
@@ -275,7 +279,7 @@ fn upstream_path_and_query(req: &HttpRequest, route: &Route, path: &str) -> Resu
     PathAndQuery::try_from(text).map_err(|_| GatewayError::BadRequest("invalid request target"))
 }
 
-fn upstream_uri(instance: &Instance, path_and_query: &PathAndQuery) -> Result<Uri, String> {
+pub(crate) fn upstream_uri(instance: &Instance, path_and_query: &PathAndQuery) -> Result<Uri, String> {
     let path_and_query = if instance.base_path.is_empty() {
         path_and_query.clone()
     } else {
@@ -382,7 +386,7 @@ fn peer_header(ip: std::net::IpAddr) -> Option<HeaderValue> {
     HeaderValue::from_str(&ip.to_string()).ok()
 }
 
-fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
+pub(crate) fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMap {
     let incoming = req.headers();
     let named = connection_named(incoming);
     let peer = req.peer_addr().map(|addr| addr.ip());
@@ -457,7 +461,7 @@ fn client_host(req: &HttpRequest) -> Option<&str> {
 
 /// [`client_host`] as a header value: an absolute-form target's authority
 /// (RFC 9112 §3.2.2), otherwise the `Host` header, reused without a copy.
-fn client_host_value(req: &HttpRequest) -> Option<HeaderValue> {
+pub(crate) fn client_host_value(req: &HttpRequest) -> Option<HeaderValue> {
     match req.uri().authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
         None => req.headers().get(header::HOST).cloned(),

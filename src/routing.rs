@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::http::header::HeaderValue;
 use actix_web::http::Method;
@@ -218,6 +219,74 @@ pub fn strip_route_prefix<'a>(path: &'a str, prefix: &str) -> Cow<'a, str> {
     }
 }
 
+/// One entry of a route's `hosts`: an exact name, or `*.` and a suffix that
+/// matches one more label. Stored lower-case, without a trailing dot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Exact(String),
+    /// The suffix with its leading dot: `.example.com` for `*.example.com`.
+    Wildcard(String),
+}
+
+/// How well a route's `hosts` match a request (SPEC §3 step 3): an exact
+/// name beats a wildcard, which beats a route without `hosts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HostRank {
+    AnyHost,
+    Wildcard,
+    Exact,
+}
+
+impl HostPattern {
+    /// `Err` says why `text` is neither a host name nor `*.` and one.
+    pub fn parse(text: &str) -> Result<Self, &'static str> {
+        let lower = text.trim_end_matches('.').to_ascii_lowercase();
+        let (wildcard, name) = match lower.strip_prefix("*.") {
+            Some(name) => (true, name),
+            None => (false, lower.as_str()),
+        };
+        let is_label = |label: &str| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if name.is_empty() || !name.split('.').all(is_label) {
+            return Err("is not a host name (letters, digits, '-', '.'; no port), nor \"*.\" and one");
+        }
+        Ok(if wildcard {
+            Self::Wildcard(format!(".{name}"))
+        } else {
+            Self::Exact(name.to_owned())
+        })
+    }
+
+    /// `host` is the request's host without port or trailing dot, in any case.
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(name) => host.eq_ignore_ascii_case(name),
+            Self::Wildcard(suffix) => {
+                host.len() > suffix.len() && {
+                    let (label, rest) = host.split_at(host.len() - suffix.len());
+                    rest.eq_ignore_ascii_case(suffix) && !label.contains('.')
+                }
+            }
+        }
+    }
+}
+
+/// The host name of a `host[:port]` (an already validated request host):
+/// the port and a trailing dot removed; an IPv6 literal keeps its brackets.
+pub fn host_name(host: &str) -> &str {
+    let name = if host.starts_with('[') {
+        host.split_once(']')
+            .map_or(host, |(literal, _)| &host[..literal.len() + 1])
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _)| name)
+    };
+    name.strip_suffix('.').unwrap_or(name)
+}
+
 /// A method as configured in a route's `methods`: letter case is ignored
 /// (`get` is `GET`); `None` for anything that is not an HTTP token.
 pub fn parse_method(text: &str) -> Option<Method> {
@@ -244,6 +313,14 @@ pub struct Route {
     pub security_headers: bool,
     /// The route's own policy, an index into the gateway's policies.
     pub rate_limit: Option<usize>,
+    /// Empty: any host.
+    pub hosts: Vec<HostPattern>,
+    /// WebSocket upgrades are tunnelled.
+    pub websocket: bool,
+    /// The response-head timeout of this route's requests.
+    pub request_timeout: Duration,
+    /// The route answers CORS itself.
+    pub cors: Option<crate::cors::CorsPolicy>,
 }
 
 /// What a route without `methods` allows, as listed in `Allow`: every
@@ -256,6 +333,23 @@ pub const ALLOW_OF_AN_OPEN_ROUTE: HeaderValue =
     HeaderValue::from_static("DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT");
 
 impl Route {
+    /// `None` when the route does not answer for `host` (the request's host
+    /// name, see [`host_name`]; `None` for a request without one).
+    fn host_rank(&self, host: Option<&str>) -> Option<HostRank> {
+        if self.hosts.is_empty() {
+            return Some(HostRank::AnyHost);
+        }
+        let host = host?;
+        self.hosts
+            .iter()
+            .filter(|pattern| pattern.matches(host))
+            .map(|pattern| match pattern {
+                HostPattern::Exact(_) => HostRank::Exact,
+                HostPattern::Wildcard(_) => HostRank::Wildcard,
+            })
+            .max()
+    }
+
     fn allows(&self, method: &Method) -> bool {
         match &self.methods {
             Some(methods) => methods.contains(method),
@@ -281,16 +375,20 @@ pub enum RouteMatch<'a> {
     NotFound,
 }
 
-/// Routes ordered longest prefix first, so the first allowed match wins.
+/// Routes ordered longest prefix first, so the first allowed match of a host
+/// rank is the longest one.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
+    /// No route has `hosts`: the first allowed match wins outright.
+    any_route_has_hosts: bool,
 }
 
 impl RouteTable {
     pub fn new(mut routes: Vec<Route>) -> Self {
         routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then_with(|| a.name.cmp(&b.name)));
         Self {
+            any_route_has_hosts: routes.iter().any(|route| !route.hosts.is_empty()),
             routes: routes.into_iter().map(Arc::new).collect(),
         }
     }
@@ -299,29 +397,59 @@ impl RouteTable {
         &self.routes
     }
 
-    /// Longest matching prefix among the routes that allow `method`.
-    pub fn lookup(&self, path: &str, method: &Method) -> RouteMatch<'_> {
+    /// The best route for `path` on `host` (the request's host name, see
+    /// [`host_name`]) among those that allow `method`: the best host rank,
+    /// then the longest prefix.
+    pub fn lookup(&self, path: &str, host: Option<&str>, method: &Method) -> RouteMatch<'_> {
         let mut path_matched = false;
+        let mut best: Option<(HostRank, &Arc<Route>)> = None;
         for route in &self.routes {
-            if prefix_matches(path, &route.prefix) {
-                if route.allows(method) {
-                    return RouteMatch::Found(route);
-                }
+            if !prefix_matches(path, &route.prefix) {
+                continue;
+            }
+            let Some(rank) = route.host_rank(host) else {
+                continue;
+            };
+            if !route.allows(method) {
                 path_matched = true;
+                continue;
+            }
+            if best.is_none_or(|(best_rank, _)| rank > best_rank) {
+                best = Some((rank, route));
+            }
+            if rank == HostRank::Exact || !self.any_route_has_hosts {
+                break;
             }
         }
-        if path_matched {
-            RouteMatch::MethodNotAllowed(self.allowed_methods(path))
-        } else {
-            RouteMatch::NotFound
+        match best {
+            Some((_, route)) => RouteMatch::Found(route),
+            None if path_matched => RouteMatch::MethodNotAllowed(self.allowed_methods(path, host)),
+            None => RouteMatch::NotFound,
         }
     }
 
-    fn allowed_methods(&self, path: &str) -> HeaderValue {
+    /// The best route for `path` on `host` whatever the method: the route a
+    /// CORS preflight asks about (SPEC §10).
+    pub fn lookup_any_method(&self, path: &str, host: Option<&str>) -> Option<&Arc<Route>> {
+        let mut best: Option<(HostRank, &Arc<Route>)> = None;
+        for route in &self.routes {
+            if !prefix_matches(path, &route.prefix) {
+                continue;
+            }
+            if let Some(rank) = route.host_rank(host) {
+                if best.is_none_or(|(best_rank, _)| rank > best_rank) {
+                    best = Some((rank, route));
+                }
+            }
+        }
+        best.map(|(_, route)| route)
+    }
+
+    fn allowed_methods(&self, path: &str, host: Option<&str>) -> HeaderValue {
         let mut allowed: Vec<&str> = self
             .routes
             .iter()
-            .filter(|route| prefix_matches(path, &route.prefix))
+            .filter(|route| prefix_matches(path, &route.prefix) && route.host_rank(host).is_some())
             .flat_map(|route| route.allowed_methods())
             .collect();
         allowed.sort_unstable();
@@ -482,11 +610,24 @@ mod tests {
             allow_encoded_slash: false,
             security_headers: true,
             rate_limit: None,
+            hosts: Vec::new(),
+            websocket: false,
+            request_timeout: Duration::from_secs(30),
+            cors: None,
         }
     }
 
+    fn on_hosts(mut route: Route, hosts: &[&str]) -> Route {
+        route.hosts = hosts.iter().map(|host| HostPattern::parse(host).unwrap()).collect();
+        route
+    }
+
     fn matched(table: &RouteTable, path: &str, method: Method) -> String {
-        match table.lookup(path, &method) {
+        matched_on(table, path, None, method)
+    }
+
+    fn matched_on(table: &RouteTable, path: &str, host: Option<&str>, method: Method) -> String {
+        match table.lookup(path, host.map(host_name), &method) {
             RouteMatch::Found(route) => route.name.to_string(),
             RouteMatch::MethodNotAllowed(allow) => format!("405 {}", allow.to_str().unwrap()),
             RouteMatch::NotFound => "404".to_owned(),
@@ -509,6 +650,85 @@ mod tests {
         assert_eq!(matched(&table, "/other", Method::GET), "root");
         assert_eq!(matched(&table, "/other", Method::DELETE), "405 GET");
         assert_eq!(matched(&table, "/reports/1", Method::POST), "405 GET, HEAD");
+    }
+
+    #[test]
+    fn an_exact_host_beats_a_wildcard_which_beats_any_host_then_the_longest_prefix() {
+        let table = RouteTable::new(vec![
+            route("any", "/api/users", &[]),
+            on_hosts(route("wild", "/api", &[]), &["*.example.com"]),
+            on_hosts(route("exact", "/", &[]), &["API.example.com", "other.test"]),
+            on_hosts(route("exact-get", "/api/users", &["GET"]), &["get.example.com"]),
+        ]);
+        let on = |host, path| matched_on(&table, path, Some(host), Method::GET);
+        assert_eq!(on("api.example.com", "/api/users/1"), "exact");
+        assert_eq!(
+            on("Api.Example.COM:8443", "/api/users/1"),
+            "exact",
+            "case and port are ignored"
+        );
+        assert_eq!(
+            on("api.example.com.", "/api/users/1"),
+            "exact",
+            "a trailing dot is ignored"
+        );
+        assert_eq!(on("www.example.com", "/api/users/1"), "wild");
+        assert_eq!(
+            on("www.example.com", "/other"),
+            "404",
+            "no route for that host and path"
+        );
+        assert_eq!(
+            on("a.b.example.com", "/api/users/1"),
+            "any",
+            "a wildcard matches one label"
+        );
+        assert_eq!(
+            on("example.com", "/api/users/1"),
+            "any",
+            "a wildcard does not match its own suffix"
+        );
+        assert_eq!(on("elsewhere.test", "/api/x"), "404");
+        assert_eq!(on("get.example.com", "/api/users"), "exact-get");
+        assert_eq!(
+            matched_on(&table, "/api/users", Some("get.example.com"), Method::POST),
+            "wild",
+            "a route that does not allow the method takes no part"
+        );
+        assert_eq!(
+            matched(&table, "/api/users", Method::GET),
+            "any",
+            "no host: only routes without hosts"
+        );
+        assert_eq!(on("[::1]:8080", "/other"), "404");
+    }
+
+    #[test]
+    fn host_patterns_are_names_or_one_wildcard_label() {
+        assert_eq!(
+            HostPattern::parse("Example.COM."),
+            Ok(HostPattern::Exact("example.com".into()))
+        );
+        assert_eq!(
+            HostPattern::parse("*.example.com"),
+            Ok(HostPattern::Wildcard(".example.com".into()))
+        );
+        for bad in [
+            "",
+            "*",
+            "*.",
+            "a.*.com",
+            "example.com:80",
+            "http://x",
+            "a b",
+            "a..b",
+            "*example.com",
+        ] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad:?} is refused");
+        }
+        assert_eq!(host_name("[::1]:80"), "[::1]");
+        assert_eq!(host_name("example.com:80"), "example.com");
+        assert_eq!(host_name("example.com."), "example.com");
     }
 
     #[test]

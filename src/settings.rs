@@ -313,6 +313,44 @@ pub struct RouteSettings {
     pub security_headers: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<String>,
+    /// Host names this route answers for (exact, or `*.example.com`); empty
+    /// for any host (SPEC §3 step 3).
+    #[serde(default, deserialize_with = "list_or_csv")]
+    pub hosts: Vec<String>,
+    /// WebSocket upgrades are tunnelled on this route (SPEC §9).
+    #[serde(default)]
+    pub websocket: bool,
+    /// This route's response-head timeout; 0 for `upstream.request_timeout_ms`.
+    #[serde(default)]
+    pub timeout_ms: u64,
+    /// The route answers CORS itself (SPEC §10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsSettings>,
+}
+
+/// `[routes.<name>.cors]` (SPEC §10).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSettings {
+    /// Origins as browsers send them (`https://app.example.com`), or `["*"]`.
+    #[serde(default, deserialize_with = "list_or_csv")]
+    pub allow_origins: Vec<String>,
+    /// Empty: the route's `methods`, or every method an open route allows.
+    #[serde(default, deserialize_with = "list_or_csv")]
+    pub allow_methods: Vec<String>,
+    /// Request headers a preflight may ask for; `["*"]` for any.
+    #[serde(default, deserialize_with = "list_or_csv")]
+    pub allow_headers: Vec<String>,
+    #[serde(default, deserialize_with = "list_or_csv")]
+    pub expose_headers: Vec<String>,
+    #[serde(default)]
+    pub allow_credentials: bool,
+    #[serde(default = "default_cors_max_age_s")]
+    pub max_age_s: u64,
+}
+
+fn default_cors_max_age_s() -> u64 {
+    600
 }
 
 fn default_true() -> bool {
@@ -688,6 +726,16 @@ impl Settings {
                     problem(format!("{key}.rate_limit"), format!("no policy named {policy:?}"));
                 }
             }
+            for host in &route.hosts {
+                if let Err(reason) = routing::HostPattern::parse(host) {
+                    problem(format!("{key}.hosts"), format!("{host:?} {reason}"));
+                }
+            }
+            if let Some(cors) = &route.cors {
+                for (field, reason) in crate::cors::problems(cors) {
+                    problem(format!("{key}.cors.{field}"), reason);
+                }
+            }
         }
         // Two routes with one prefix and a method in common would make the
         // winner depend on file order.
@@ -701,11 +749,19 @@ impl Settings {
                 let methods_overlap = a.methods.is_empty()
                     || b.methods.is_empty()
                     || methods_a.iter().any(|method| methods_b.contains(method));
-                if a.prefix == b.prefix && methods_overlap {
+                // A route naming a host outranks one without `hosts`, and an
+                // exact name a wildcard, so only equal entries tie.
+                let same_host =
+                    |x: &String, y: &String| x.trim_end_matches('.').eq_ignore_ascii_case(y.trim_end_matches('.'));
+                let hosts_overlap = (a.hosts.is_empty() && b.hosts.is_empty())
+                    || a.hosts
+                        .iter()
+                        .any(|host| b.hosts.iter().any(|other| same_host(host, other)));
+                if a.prefix == b.prefix && methods_overlap && hosts_overlap {
                     problem(
                         format!("routes.{name_b}.prefix"),
                         format!(
-                            "{:?} is also the prefix of routes.{name_a} for the same methods",
+                            "{:?} is also the prefix of routes.{name_a} for the same methods and hosts",
                             b.prefix
                         ),
                     );

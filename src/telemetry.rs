@@ -184,7 +184,9 @@ impl RootSpanBuilder for GatewayRootSpan {
                     .map(|id| id.started.elapsed())
                     .unwrap_or_default();
                 let (route_key, route) = match extensions.get::<Routed>().map(|routed| &routed.target) {
-                    Some(Target::Route(route)) => (Arc::as_ptr(route) as usize, &*route.name),
+                    Some(Target::Route(route) | Target::Preflight(route)) => {
+                        (Arc::as_ptr(route) as usize, &*route.name)
+                    }
                     Some(Target::Health) => (1, "/health"),
                     Some(Target::Metrics) => (2, "/metrics"),
                     _ => (0, "-"),

@@ -35,6 +35,7 @@ use crate::gateway::Gateway;
 use crate::middleware::auth::Authentication;
 use crate::middleware::body_check::BodyCheck;
 use crate::middleware::connection_watch::ConnectionWatch;
+use crate::middleware::cors::{preflight_response, Cors};
 use crate::middleware::rate_limit::{RateLimit, Stage};
 use crate::middleware::request_id::RequestIds;
 use crate::middleware::route_match::{RouteMatcher, Routed, Target};
@@ -43,6 +44,7 @@ use crate::proxy;
 use crate::ratelimit::{RateLimiter, SharedLimits};
 use crate::settings::{RateLimitSettings, UpstreamSettings};
 use crate::telemetry::GatewayRootSpan;
+use crate::websocket;
 
 /// Connections kept idle in each worker's upstream pool this long.
 const UPSTREAM_KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -323,6 +325,7 @@ impl Workers {
             .wrap(RateLimit::new(Stage::User))
             .wrap(Authentication)
             .wrap(RateLimit::new(Stage::Address))
+            .wrap(Cors)
             .wrap(RouteMatcher::new(context))
             .wrap(BodyCheck)
             .wrap(TracingLogger::<GatewayRootSpan>::new())
@@ -363,6 +366,10 @@ async fn dispatch(req: HttpRequest, payload: web::Payload) -> Result<HttpRespons
         Target::Metrics => endpoints::metrics(req.method()).await,
         Target::NotFound => Err(GatewayError::NotFound),
         Target::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed { allow: allow.clone() }),
+        Target::Preflight(route) => Ok(preflight_response(&req, route)),
+        Target::Route(route) if route.websocket && websocket::is_websocket_upgrade(&req) => {
+            websocket::tunnel(&req, payload, route, routed.path(req.path()), snapshot).await
+        }
         Target::Route(route) => proxy::forward(&req, payload, route, routed.path(req.path()), snapshot).await,
     }
 }

@@ -78,6 +78,11 @@ fn policies_for(routed: &Routed, stage: Stage) -> Vec<usize> {
     let gateway = &routed.snapshot.gateway;
     match &routed.target {
         Target::Route(route) => gateway.policies_for(route.rate_limit, key),
+        // A preflight is counted by address, and answered before auth.
+        Target::Preflight(route) => match stage {
+            Stage::Address => gateway.policies_for(route.rate_limit, key),
+            Stage::User => Vec::new(),
+        },
         Target::NotFound | Target::MethodNotAllowed(_) => gateway.policies_for(None, key),
         Target::Health | Target::Metrics => Vec::new(),
     }

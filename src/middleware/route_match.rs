@@ -16,11 +16,12 @@ use actix_web::http::Method;
 use actix_web::{Error, HttpMessage};
 use futures_util::future::Either;
 
+use crate::cors::is_preflight;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::middleware::{passthrough, Passthrough};
 use crate::routing::{
-    normalize_path, normalize_path_keeping_encoded_slashes, request_host, InvalidPath, Route, RouteMatch,
+    host_name, normalize_path, normalize_path_keeping_encoded_slashes, request_host, InvalidPath, Route, RouteMatch,
     ALLOW_OF_AN_OPEN_ROUTE,
 };
 use crate::worker::{Snapshot, WorkerContext};
@@ -31,6 +32,10 @@ pub enum Target {
     Health,
     Metrics,
     Route(Arc<Route>),
+    /// A CORS preflight for a route with a CORS policy: answered by the
+    /// gateway after the address-keyed limits, never authenticated or
+    /// forwarded (SPEC §10).
+    Preflight(Arc<Route>),
     NotFound,
     MethodNotAllowed(HeaderValue),
 }
@@ -51,9 +56,19 @@ impl Routed {
         self.normalized.as_deref().unwrap_or(raw)
     }
 
+    /// The route the request is forwarded on.
     pub fn route(&self) -> Option<&Arc<Route>> {
         match &self.target {
             Target::Route(route) => Some(route),
+            _ => None,
+        }
+    }
+
+    /// The route the request belongs to: the one it is forwarded on, or the
+    /// one a preflight asks about.
+    pub fn matched_route(&self) -> Option<&Arc<Route>> {
+        match &self.target {
+            Target::Route(route) | Target::Preflight(route) => Some(route),
             _ => None,
         }
     }
@@ -94,10 +109,13 @@ fn classify(req: &ServiceRequest, snapshot: Rc<Snapshot>) -> Result<Routed, Gate
     if request_line + header_lines_size(req) > gateway.max_header_bytes {
         return Err(GatewayError::HeaderFieldsTooLarge);
     }
-    if let Err(err) = request_host(req.uri(), req.headers().get(header::HOST), req.version()) {
-        tracing::debug!(host = ?req.headers().get(header::HOST), reason = %err, "host refused");
-        return Err(GatewayError::BadRequest("invalid host"));
-    }
+    let host = match request_host(req.uri(), req.headers().get(header::HOST), req.version()) {
+        Ok(host) => host.map(host_name),
+        Err(err) => {
+            tracing::debug!(host = ?req.headers().get(header::HOST), reason = %err, "host refused");
+            return Err(GatewayError::BadRequest("invalid host"));
+        }
+    };
     let refuse_path = |err: InvalidPath| {
         tracing::debug!(path = req.path(), reason = %err, "path refused");
         GatewayError::BadRequest("invalid path")
@@ -124,16 +142,19 @@ fn classify(req: &ServiceRequest, snapshot: Rc<Snapshot>) -> Result<Routed, Gate
     let target = match &*normalized {
         "/health" => Target::Health,
         "/metrics" => Target::Metrics,
-        path => match gateway.routes.lookup(path, req.method()) {
-            RouteMatch::Found(route) => Target::Route(route.clone()),
-            RouteMatch::MethodNotAllowed(allow) => Target::MethodNotAllowed(allow),
-            RouteMatch::NotFound => Target::NotFound,
+        path => match preflight_route(req, gateway, path, host) {
+            Some(route) => Target::Preflight(route.clone()),
+            None => match gateway.routes.lookup(path, host, req.method()) {
+                RouteMatch::Found(route) => Target::Route(route.clone()),
+                RouteMatch::MethodNotAllowed(allow) => Target::MethodNotAllowed(allow),
+                RouteMatch::NotFound => Target::NotFound,
+            },
         },
     };
     if keeps_encoded_slashes && !matches!(&target, Target::Route(route) if route.allow_encoded_slash) {
         return Err(refuse_path(InvalidPath::EncodedSlash));
     }
-    if let Target::Route(route) = &target {
+    if let Target::Route(route) | Target::Preflight(route) = &target {
         tracing::Span::current().record("route", &*route.name);
     }
     let normalized = match normalized {
@@ -145,6 +166,23 @@ fn classify(req: &ServiceRequest, snapshot: Rc<Snapshot>) -> Result<Routed, Gate
         target,
         snapshot,
     })
+}
+
+/// The route a CORS preflight asks about, when it has a CORS policy: the
+/// route matching the path and host whatever its `methods` (SPEC §10).
+fn preflight_route<'a>(
+    req: &ServiceRequest,
+    gateway: &'a Gateway,
+    path: &str,
+    host: Option<&str>,
+) -> Option<&'a Arc<Route>> {
+    if !gateway.any_route_has_cors || !is_preflight(req.method(), req.headers()) {
+        return None;
+    }
+    gateway
+        .routes
+        .lookup_any_method(path, host)
+        .filter(|route| route.cors.is_some())
 }
 
 pub struct RouteMatcher {

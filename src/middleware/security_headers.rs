@@ -124,7 +124,7 @@ where
         let mut response = std::task::ready!(this.response.poll(cx))?;
         let helmet = response.request().extensions().get::<Routed>().is_none_or(|routed| {
             !routed.snapshot.gateway.any_route_drops_security_headers
-                || routed.route().is_none_or(|route| route.security_headers)
+                || routed.matched_route().is_none_or(|route| route.security_headers)
         });
         secure(response.headers_mut(), helmet);
         Poll::Ready(Ok(response))

@@ -1005,20 +1005,6 @@ fn load(toml: &str) -> Result<Settings, ConfigError> {
     })
 }
 
-/// The problems `serve` and `check-config` refuse `toml` with: validation's,
-/// or, for valid settings, the compile step's (which reads the key files);
-/// panics when it would start.
-fn problems(toml: &str) -> Vec<String> {
-    match load(toml) {
-        Err(ConfigError::Invalid(problems)) => problems,
-        Err(other) => panic!("expected validation problems, got {other}"),
-        Ok(settings) => match gatehouse::gateway::compile(&settings) {
-            Err(problems) => problems,
-            Ok(_) => panic!("expected the configuration to be refused:\n{toml}"),
-        },
-    }
-}
-
 /// 31 bytes: one short of the minimum.
 const SECRET_31: &str = "0123456789abcdefghijklmnopqrstu";
 /// 32 bytes: exactly the minimum.

@@ -775,6 +775,25 @@ async fn no_response_head_within_the_request_timeout_gives_504() {
     assert_eq!(get(&gateway.url("/api/slowpoke/slow/10")).await.status, 200);
 }
 
+#[actix_web::test]
+async fn a_route_s_timeout_ms_replaces_the_request_timeout_for_that_route_only() {
+    let upstream = Upstream::start("slow");
+    let gateway = TestGateway::start(&format!(
+        "[upstream]\nrequest_timeout_ms = 5000\n{}[routes.hurried]\nprefix = \"/hurried\"\nservice = \"slowpoke\"\ntimeout_ms = 300\n",
+        service("slowpoke", &urls(&[&upstream])),
+    ));
+    let started = Instant::now();
+    let reply = get(&gateway.url("/hurried/slow/1500")).await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.text(), r#"{"error":"Gateway timeout","service":"slowpoke"}"#);
+    assert!(took < Duration::from_millis(1200), "504 after {took:?}");
+
+    // The service's other route keeps upstream.request_timeout_ms.
+    let reply = get(&gateway.url("/api/slowpoke/slow/1500")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
 // ---------------------------------------------------------------------------
 // Passive health (step 7, `health.passive_failures`)
 // ---------------------------------------------------------------------------

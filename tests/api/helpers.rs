@@ -21,7 +21,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use futures_util::StreamExt;
 use gatehouse::reload::ReloadHandle;
-use gatehouse::settings::{Settings, Sources};
+use gatehouse::settings::{ConfigError, Settings, Sources};
 use gatehouse::startup::Application;
 use sha2::{Digest, Sha256};
 
@@ -53,6 +53,8 @@ struct UpstreamState {
     hits: AtomicUsize,
     health_status: AtomicU16,
     seen: Mutex<Vec<SeenRequest>>,
+    /// Close codes its WebSocket sessions received, in order.
+    ws_closes: Mutex<Vec<u16>>,
 }
 
 /// A real upstream service on a loopback port.
@@ -65,6 +67,8 @@ struct UpstreamState {
 /// - `…/bare` answers a body without `Content-Type`.
 /// - `…/own-headers` sets its own `Content-Security-Policy` and `X-Frame-Options`.
 /// - `…/slow/<ms>` waits before answering.
+/// - `…/ws` with `Upgrade: websocket` is a WebSocket echo (see [`ws_echo`]);
+///   `…/ws-refused` answers such an upgrade with 403.
 /// - anything else echoes JSON: instance, method, target, headers, body size and hash.
 ///
 /// Every response carries `Server: upstream-server` and `X-Powered-By: Express`.
@@ -126,6 +130,11 @@ impl Upstream {
 
     pub fn last_seen(&self) -> SeenRequest {
         self.seen().pop().expect("the upstream saw no request")
+    }
+
+    /// The close codes its WebSocket sessions received from the gateway.
+    pub fn ws_closes(&self) -> Vec<u16> {
+        self.state.ws_closes.lock().unwrap().clone()
     }
 
     pub fn set_health(&self, status: u16) {
@@ -262,6 +271,15 @@ async fn upstream_handler(req: HttpRequest, mut payload: web::Payload, data: Ups
         let status = StatusCode::from_u16(state.health_status.load(Ordering::SeqCst)).unwrap();
         return HttpResponse::build(status).json(serde_json::json!({ "status": status.as_u16() }));
     }
+    if req.headers().contains_key("upgrade") && (path.ends_with("/ws") || path.ends_with("/ws-refused")) {
+        record(&req, state, 0, String::new());
+        if path.ends_with("/ws-refused") {
+            return HttpResponse::Forbidden()
+                .insert_header(("x-upstream-instance", name.as_str()))
+                .body("no tunnels here");
+        }
+        return ws_echo(&req, payload, state.clone());
+    }
     let mut hasher = Sha256::new();
     let mut body_len = 0;
     while let Some(chunk) = payload.next().await {
@@ -269,27 +287,7 @@ async fn upstream_handler(req: HttpRequest, mut payload: web::Payload, data: Ups
         body_len += chunk.len();
         hasher.update(&chunk);
     }
-    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (header_name, value) in req.headers().iter() {
-        headers
-            .entry(header_name.as_str().to_owned())
-            .or_default()
-            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
-    }
-    let seen = SeenRequest {
-        method: req.method().to_string(),
-        target: req
-            .uri()
-            .path_and_query()
-            .map(|pq| pq.as_str().to_owned())
-            .unwrap_or_default(),
-        headers,
-        body_len,
-        body_sha256: hex(&hasher.finalize()),
-        peer: req.peer_addr(),
-    };
-    state.hits.fetch_add(1, Ordering::SeqCst);
-    state.seen.lock().unwrap().push(seen.clone());
+    let seen = record(&req, state, body_len, hex(&hasher.finalize()));
 
     let mut response = HttpResponse::Ok();
     response
@@ -340,6 +338,97 @@ async fn upstream_handler(req: HttpRequest, mut payload: web::Payload, data: Ups
     }
 }
 
+/// Counts a request and keeps what the upstream saw of it.
+fn record(req: &HttpRequest, state: &UpstreamState, body_len: usize, body_sha256: String) -> SeenRequest {
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (header_name, value) in req.headers().iter() {
+        headers
+            .entry(header_name.as_str().to_owned())
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    let seen = SeenRequest {
+        method: req.method().to_string(),
+        target: req
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str().to_owned())
+            .unwrap_or_default(),
+        headers,
+        body_len,
+        body_sha256,
+        peer: req.peer_addr(),
+    };
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    state.seen.lock().unwrap().push(seen.clone());
+    seen
+}
+
+/// A WebSocket echo: text, binary and continuation frames come back as
+/// sent; a ping comes back as the text `ping:<payload>` and a pong as
+/// `pong:<payload>` (so a test sees they reached the instance, and that
+/// nobody on the way answered them); a close is answered with the same
+/// code and reason. The text `close:<code>:<reason>` makes it close first,
+/// and `send:<n>` makes it send a binary message of `n` bytes. Of the
+/// protocols offered it picks the last.
+fn ws_echo(req: &HttpRequest, payload: web::Payload, state: Arc<UpstreamState>) -> HttpResponse {
+    use actix_ws::Message;
+    let offered: Vec<String> = req
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|protocol| protocol.trim().to_owned())
+        .collect();
+    let (mut response, mut session, messages) = actix_ws::handle(req, payload).expect("a valid handshake");
+    if let Some(chosen) = offered.last() {
+        response
+            .headers_mut()
+            .insert(awc::http::header::SEC_WEBSOCKET_PROTOCOL, chosen.parse().unwrap());
+    }
+    let mut messages = messages.max_frame_size(64 * 1024 * 1024);
+    actix_web::rt::spawn(async move {
+        while let Some(Ok(message)) = messages.next().await {
+            let sent = match message {
+                Message::Text(text) => {
+                    if let Some(rest) = text.strip_prefix("close:") {
+                        let (code, reason) = rest.split_once(':').unwrap_or((rest, ""));
+                        let reason = actix_ws::CloseReason {
+                            code: actix_ws::CloseCode::from(code.parse::<u16>().unwrap_or(1000)),
+                            description: Some(reason.to_owned()),
+                        };
+                        let _ = session.clone().close(Some(reason)).await;
+                        continue;
+                    }
+                    if let Some(n) = text.strip_prefix("send:") {
+                        session.binary(vec![b'x'; n.parse().unwrap_or(0)]).await
+                    } else {
+                        session.text(text).await
+                    }
+                }
+                Message::Binary(bytes) => session.binary(bytes).await,
+                Message::Continuation(item) => session.continuation(item).await,
+                Message::Ping(bytes) => session.text(format!("ping:{}", String::from_utf8_lossy(&bytes))).await,
+                Message::Pong(bytes) => session.text(format!("pong:{}", String::from_utf8_lossy(&bytes))).await,
+                Message::Close(reason) => {
+                    state
+                        .ws_closes
+                        .lock()
+                        .unwrap()
+                        .push(reason.as_ref().map_or(1005, |reason| u16::from(reason.code)));
+                    let _ = session.close(reason).await;
+                    return;
+                }
+                Message::Nop => Ok(()),
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    response
+}
+
 fn echo_json(name: &str, seen: &SeenRequest) -> serde_json::Value {
     serde_json::json!({
         "instance": name,
@@ -349,6 +438,20 @@ fn echo_json(name: &str, seen: &SeenRequest) -> serde_json::Value {
         "body_len": seen.body_len,
         "body_sha256": seen.body_sha256,
     })
+}
+
+/// An HS256 token signed with `secret` for `sub`, valid for an hour.
+pub fn hs256_token(secret: &str, sub: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({ "sub": sub, "iat": now, "exp": now + 3600 }),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
 }
 
 /// `["http://127.0.0.1:1", …]` for a service's `instances`.
@@ -377,6 +480,21 @@ pub fn sources_of(dir: &Path) -> Sources {
         environment: "test".to_owned(),
         config_file: None,
         vars: Default::default(),
+    }
+}
+
+/// The problems `serve` and `check-config` refuse `toml` with: validation's,
+/// or, for valid settings, the compile step's (which reads the key and
+/// certificate files); panics when it would start.
+pub fn problems(toml: &str) -> Vec<String> {
+    let dir = settings_dir(toml);
+    match Settings::load(&sources_of(dir.path())) {
+        Err(ConfigError::Invalid(problems)) => problems,
+        Err(other) => panic!("expected validation problems, got {other}"),
+        Ok(settings) => match gatehouse::gateway::compile(&settings) {
+            Err(problems) => problems,
+            Ok(_) => panic!("expected the configuration to be refused:\n{toml}"),
+        },
     }
 }
 
@@ -811,6 +929,7 @@ pub fn is_uuid(text: &str) -> bool {
 }
 
 /// The status line, headers and body of a raw HTTP/1.1 response.
+#[derive(Debug)]
 pub struct RawResponse {
     pub status: u16,
     /// Lower-cased names, in order.

@@ -3,6 +3,7 @@
 mod auth;
 mod balancing;
 mod client_requests;
+mod cors;
 mod forwarding;
 mod framing;
 mod hardening;
@@ -14,3 +15,4 @@ mod reload;
 mod routing;
 mod tls;
 mod upstream_responses;
+mod websocket;

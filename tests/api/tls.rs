@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix_web::http::Version;
 use actix_web::web::Bytes;
 use futures_util::StreamExt;
-use gatehouse::settings::{ConfigError, Settings};
+use gatehouse::settings::Settings;
 use jsonwebtoken::{EncodingKey, Header};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -1133,6 +1133,35 @@ async fn http11_and_http2_over_tls_reach_the_upstream_as_https_while_the_plain_l
     assert_eq!(values(&seen, "x-forwarded-proto"), ["https"]);
 }
 
+#[actix_web::test]
+async fn over_http2_the_authority_picks_a_route_with_hosts_as_the_host_header_does() {
+    let pki = Pki::new();
+    let (named, other) = (Upstream::start("named"), Upstream::start("other"));
+    let gateway = with_tls(&pki).start(&format!(
+        "{}hosts = [\"api.gatehouse.test\"]\n{}",
+        service_at("named", "/api/x", &[named.url()]),
+        service_at("other", "/api", &[other.url()]),
+    ));
+    let mut h2 = H2Connection::open(tls_address(&gateway), &pki.ca);
+    for (authority, expected) in [
+        ("api.gatehouse.test", "named"),
+        ("API.gatehouse.test:443", "named"),
+        ("elsewhere.test", "other"),
+    ] {
+        let (named_before, other_before) = (named.hits(), other.hits());
+        let outcome = h2.exchange(&request_fields("GET", authority, "/api/x/1"), &[]);
+        assert_eq!(outcome.status(), Some(200), "{authority}: {outcome}");
+        let reached = if named.hits() > named_before {
+            "named"
+        } else if other.hits() > other_before {
+            "other"
+        } else {
+            "none"
+        };
+        assert_eq!(reached, expected, ":authority {authority}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 2. 50 MiB each way
 // ---------------------------------------------------------------------------
@@ -1729,21 +1758,6 @@ async fn with_watch_config_a_certificate_rewritten_in_place_is_served_without_a_
 // ---------------------------------------------------------------------------
 // 7. A bad certificate or key at start-up
 // ---------------------------------------------------------------------------
-
-/// The problems start-up refuses `toml` with: validation's, or, for valid
-/// settings, the compile step's (which reads the files); panics when it
-/// would start.
-fn problems(toml: &str) -> Vec<String> {
-    let dir = settings_dir(toml);
-    match Settings::load(&sources_of(dir.path())) {
-        Err(ConfigError::Invalid(problems)) => problems,
-        Err(other) => panic!("expected validation problems, got {other}"),
-        Ok(settings) => match gatehouse::gateway::compile(&settings) {
-            Err(problems) => problems,
-            Ok(_) => panic!("expected the configuration to be refused:\n{toml}"),
-        },
-    }
-}
 
 fn starts(toml: &str) -> bool {
     let dir = settings_dir(toml);

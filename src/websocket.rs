@@ -1,0 +1,383 @@
+//! WebSocket tunnels on routes with `websocket = true` (SPEC §9).
+//!
+//! The upgrade request has passed the whole pipeline (limits, auth, roles)
+//! by the time it gets here. The gateway opens its own WebSocket handshake
+//! to the instance with awc (its own key, the client's protocols, the
+//! forwarding headers), and only once the instance has answered 101 does the
+//! client get its 101 (`actix-ws`, which answers the client's key). Then a
+//! task on the worker relays messages both ways, frame by frame, so
+//! fragmented messages stay fragmented and pings are relayed, not answered.
+//!
+//! The client's side is served by actix-web as a response whose body streams
+//! until the tunnel ends: actix-http keeps the socket (no upgrade service is
+//! installed), so the connection watchdog sees an open tunnel as a request in
+//! flight and leaves it alone.
+
+use std::time::Duration;
+
+use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, Item, Message, ProtocolError};
+use actix_web::http::header::{self, HeaderName};
+use actix_web::http::{Method, Version};
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{MessageStream, Session};
+use awc::error::{SendRequestError, WsClientError};
+use awc::BoxedSocket;
+use bytestring::ByteString;
+use futures_util::{SinkExt, StreamExt};
+
+use crate::error::GatewayError;
+use crate::gateway::Service;
+use crate::proxy;
+use crate::routing::Route;
+use crate::worker::Snapshot;
+
+/// The largest message relayed either way; a larger one closes the tunnel.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// A tunnel with no message either way for this long is closed.
+const IDLE_CLOSE: Duration = Duration::from_secs(300);
+/// After one side's close, how long the other side has to answer it.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+const SEC_WEBSOCKET_EXTENSIONS: HeaderName = header::SEC_WEBSOCKET_EXTENSIONS;
+
+/// `GET` over HTTP/1.1 with `Upgrade: websocket` and `Connection: upgrade`.
+pub fn is_websocket_upgrade(req: &HttpRequest) -> bool {
+    req.method() == Method::GET
+        && req.version() == Version::HTTP_11
+        && lists_token(req, header::UPGRADE, "websocket")
+        && lists_token(req, header::CONNECTION, "upgrade")
+}
+
+fn lists_token(req: &HttpRequest, name: HeaderName, token: &str) -> bool {
+    req.headers()
+        .get_all(name)
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| item.trim().eq_ignore_ascii_case(token))
+}
+
+/// Opens the tunnel for a checked upgrade request: the client's 101, or
+/// the instance's other answer, or the gateway's error.
+pub async fn tunnel(
+    req: &HttpRequest,
+    payload: web::Payload,
+    route: &Route,
+    path: &str,
+    ctx: &Snapshot,
+) -> Result<HttpResponse, GatewayError> {
+    if let Err(err) = actix_http::ws::verify_handshake(req.head()) {
+        tracing::debug!(reason = %err, "WebSocket handshake refused");
+        return Err(GatewayError::BadRequest("invalid WebSocket handshake"));
+    }
+    let service = &ctx.gateway.services[route.service];
+    let path_and_query = proxy::upstream_path_and_query(req, route, path)?;
+    let first = ctx
+        .pick_target(route.service, None)
+        .await
+        .ok_or_else(|| unavailable(service, "no healthy instance".to_owned()))?;
+    let mut attempt = handshake(req, route, ctx, first, &path_and_query).await;
+    if let Err(Refused::Connect(reason)) = &attempt {
+        // Nothing reached the instance: the next one gets the handshake.
+        if let Some(second) = ctx.pick_target(route.service, Some(first)).await {
+            tracing::debug!(failed = %service.instances[first].url, %reason, "retrying the WebSocket handshake");
+            attempt = handshake(req, route, ctx, second, &path_and_query).await;
+        }
+    }
+    let (upstream_head, upstream) = match attempt {
+        Ok(connected) => connected,
+        Err(Refused::Answered(status)) => return Ok(HttpResponse::build(status).finish()),
+        Err(Refused::Connect(reason)) => return Err(unavailable(service, reason)),
+        Err(Refused::Timeout) => {
+            return Err(GatewayError::GatewayTimeout {
+                service: service.name.to_string(),
+            })
+        }
+        Err(Refused::BadAnswer(reason)) => {
+            return Err(GatewayError::BadGateway {
+                service: service.name.to_string(),
+                reason,
+            })
+        }
+    };
+    let (mut response, session, messages) = actix_ws::handle(req, payload).map_err(|err| {
+        tracing::debug!(reason = %err, "WebSocket handshake refused");
+        GatewayError::BadRequest("invalid WebSocket handshake")
+    })?;
+    if let Some(protocol) = upstream_head.headers().get(header::SEC_WEBSOCKET_PROTOCOL) {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
+    }
+    let route_name = route.name.clone();
+    actix_rt::spawn(async move {
+        crate::metrics::tunnel_opened(&route_name);
+        let ended = relay(session, messages.max_frame_size(MAX_MESSAGE_BYTES), upstream).await;
+        tracing::debug!(route = %route_name, ended = ended.label(), "WebSocket tunnel ended");
+        crate::metrics::tunnel_closed(&route_name, ended.label());
+    });
+    Ok(response)
+}
+
+fn unavailable(service: &Service, reason: String) -> GatewayError {
+    GatewayError::ServiceUnavailable {
+        service: service.name.to_string(),
+        reason,
+    }
+}
+
+/// Why the instance's handshake did not give a tunnel.
+enum Refused {
+    /// No connection: nothing was sent.
+    Connect(String),
+    Timeout,
+    /// The instance answered, with another status than 101.
+    Answered(awc::http::StatusCode),
+    /// A 101 that is not a valid WebSocket answer.
+    BadAnswer(String),
+}
+
+/// The instance's side of a tunnel.
+type InstanceSocket = actix_codec::Framed<BoxedSocket, Codec>;
+
+async fn handshake(
+    req: &HttpRequest,
+    route: &Route,
+    ctx: &Snapshot,
+    index: usize,
+    path_and_query: &actix_web::http::uri::PathAndQuery,
+) -> Result<(awc::ClientResponse, InstanceSocket), Refused> {
+    let instance = &ctx.gateway.services[route.service].instances[index];
+    let uri = proxy::upstream_uri(instance, path_and_query).map_err(Refused::BadAnswer)?;
+    let mut headers = proxy::upstream_headers(req, &ctx.gateway);
+    // awc writes its own key, version, `Upgrade` and `Connection`; no
+    // extension (compression) is negotiated through the gateway.
+    headers.remove(SEC_WEBSOCKET_EXTENSIONS);
+    headers.remove(header::SEC_WEBSOCKET_KEY);
+    headers.remove(header::SEC_WEBSOCKET_VERSION);
+    let host = route.preserve_host.then(|| proxy::client_host_value(req)).flatten();
+    headers.insert(header::HOST, host.unwrap_or_else(|| instance.host.clone()));
+
+    let mut request = ctx
+        .upstream(route.service, index)
+        .client
+        .ws(uri)
+        .max_frame_size(MAX_MESSAGE_BYTES);
+    for (name, value) in headers.iter() {
+        request = request.header(name.clone(), value.clone());
+    }
+    let connected = actix_rt::time::timeout(route.request_timeout, request.connect()).await;
+    match connected {
+        Err(_) => Err(Refused::Timeout),
+        Ok(Ok(connected)) => Ok(connected),
+        Ok(Err(WsClientError::InvalidResponseStatus(status))) => Err(Refused::Answered(status)),
+        Ok(Err(WsClientError::SendRequest(SendRequestError::Connect(err)))) => Err(Refused::Connect(err.to_string())),
+        Ok(Err(WsClientError::SendRequest(SendRequestError::Timeout))) => Err(Refused::Timeout),
+        Ok(Err(err)) => Err(Refused::BadAnswer(err.to_string())),
+    }
+}
+
+/// How a tunnel ended, as the metrics label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// A close handshake, started by the client.
+    ClientClosed,
+    /// A close handshake, started by the instance.
+    UpstreamClosed,
+    /// The client's connection ended without a close.
+    ClientGone,
+    /// The instance's connection ended without a close.
+    UpstreamGone,
+    /// A message over [`MAX_MESSAGE_BYTES`].
+    TooLarge,
+    /// A frame that breaks the protocol.
+    ProtocolError,
+    Idle,
+}
+
+impl Ended {
+    fn label(self) -> &'static str {
+        match self {
+            Ended::ClientClosed => "client_closed",
+            Ended::UpstreamClosed => "upstream_closed",
+            Ended::ClientGone => "client_gone",
+            Ended::UpstreamGone => "upstream_gone",
+            Ended::TooLarge => "too_large",
+            Ended::ProtocolError => "protocol_error",
+            Ended::Idle => "idle",
+        }
+    }
+}
+
+/// The size of the message a direction is in the middle of.
+#[derive(Default)]
+struct MessageSize {
+    so_far: usize,
+}
+
+impl MessageSize {
+    /// False when the frame takes its message over [`MAX_MESSAGE_BYTES`].
+    fn admits(&mut self, frame: &Message) -> bool {
+        match frame {
+            Message::Text(text) => text.len() <= MAX_MESSAGE_BYTES,
+            Message::Binary(bytes) => bytes.len() <= MAX_MESSAGE_BYTES,
+            Message::Continuation(item) => {
+                let (starts, ends, bytes) = match item {
+                    Item::FirstText(bytes) | Item::FirstBinary(bytes) => (true, false, bytes),
+                    Item::Continue(bytes) => (false, false, bytes),
+                    Item::Last(bytes) => (false, true, bytes),
+                };
+                self.so_far = if starts { bytes.len() } else { self.so_far + bytes.len() };
+                let fits = self.so_far <= MAX_MESSAGE_BYTES;
+                if ends {
+                    self.so_far = 0;
+                }
+                fits
+            }
+            _ => true,
+        }
+    }
+}
+
+fn close(code: CloseCode) -> Option<CloseReason> {
+    Some(CloseReason {
+        code,
+        description: None,
+    })
+}
+
+/// An instance's frame as the message the client gets; `None` for a text
+/// frame that is not UTF-8.
+fn to_client(frame: Frame) -> Option<Message> {
+    Some(match frame {
+        Frame::Text(bytes) => Message::Text(ByteString::try_from(bytes).ok()?),
+        Frame::Binary(bytes) => Message::Binary(bytes),
+        Frame::Continuation(item) => Message::Continuation(item),
+        Frame::Ping(bytes) => Message::Ping(bytes),
+        Frame::Pong(bytes) => Message::Pong(bytes),
+        Frame::Close(reason) => Message::Close(reason),
+    })
+}
+
+/// Sends one message to the client; false once the client's side is gone.
+async fn send_to_client(session: &mut Option<Session>, message: Message) -> bool {
+    let Some(live) = session.as_mut() else {
+        return false;
+    };
+    let sent = match message {
+        Message::Text(text) => live.text(text).await,
+        Message::Binary(bytes) => live.binary(bytes).await,
+        Message::Continuation(item) => live.continuation(item).await,
+        Message::Ping(bytes) => live.ping(&bytes).await,
+        Message::Pong(bytes) => live.pong(&bytes).await,
+        Message::Close(reason) => {
+            let closing = session.take().expect("checked above");
+            return closing.close(reason).await.is_ok();
+        }
+        Message::Nop => Ok(()),
+    };
+    sent.is_ok()
+}
+
+/// Relays until the tunnel ends, and says how it did.
+async fn relay(session: Session, mut client: MessageStream, mut upstream: InstanceSocket) -> Ended {
+    let mut session = Some(session);
+    let (mut from_client, mut from_upstream) = (MessageSize::default(), MessageSize::default());
+    // Who closed first, once someone has.
+    let mut closing: Option<Ended> = None;
+    let mut idle = Box::pin(actix_rt::time::sleep(IDLE_CLOSE));
+    loop {
+        tokio::select! {
+            message = client.next() => match message {
+                Some(Ok(message)) => {
+                    if !from_client.admits(&message) {
+                        send_to_client(&mut session, Message::Close(close(CloseCode::Size))).await;
+                        let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                        return Ended::TooLarge;
+                    }
+                    let is_close = matches!(message, Message::Close(_));
+                    if upstream.send(message).await.is_err() {
+                        send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                        return closing.unwrap_or(Ended::UpstreamGone);
+                    }
+                    if is_close {
+                        match closing {
+                            // The client answered the instance's close.
+                            Some(first) => return first,
+                            None => closing = Some(Ended::ClientClosed),
+                        }
+                    }
+                }
+                Some(Err(ProtocolError::Overflow)) => {
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Size))).await;
+                    let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                    return Ended::TooLarge;
+                }
+                Some(Err(err)) => {
+                    tracing::debug!(error = %err, "WebSocket client broke the protocol");
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Protocol))).await;
+                    let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                    return Ended::ProtocolError;
+                }
+                None => {
+                    if closing.is_none() {
+                        let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                    }
+                    return closing.unwrap_or(Ended::ClientGone);
+                }
+            },
+            frame = upstream.next() => match frame {
+                Some(Ok(frame)) => {
+                    let Some(message) = to_client(frame) else {
+                        let _ = upstream.send(Message::Close(close(CloseCode::Invalid))).await;
+                        send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                        return Ended::ProtocolError;
+                    };
+                    if !from_upstream.admits(&message) {
+                        let _ = upstream.send(Message::Close(close(CloseCode::Size))).await;
+                        send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                        return Ended::TooLarge;
+                    }
+                    let is_close = matches!(message, Message::Close(_));
+                    if !send_to_client(&mut session, message).await && !is_close {
+                        let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                        return closing.unwrap_or(Ended::ClientGone);
+                    }
+                    if is_close {
+                        match closing {
+                            // The instance answered the client's close.
+                            Some(first) => return first,
+                            None => closing = Some(Ended::UpstreamClosed),
+                        }
+                    }
+                }
+                Some(Err(ProtocolError::Overflow)) => {
+                    let _ = upstream.send(Message::Close(close(CloseCode::Size))).await;
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                    return Ended::TooLarge;
+                }
+                Some(Err(err)) => {
+                    tracing::debug!(error = %err, "WebSocket instance broke the protocol");
+                    let _ = upstream.send(Message::Close(close(CloseCode::Protocol))).await;
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                    return Ended::ProtocolError;
+                }
+                None => {
+                    if closing.is_none() {
+                        send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                    }
+                    return closing.unwrap_or(Ended::UpstreamGone);
+                }
+            },
+            () = &mut idle => {
+                if let Some(first) = closing {
+                    return first;
+                }
+                send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                return Ended::Idle;
+            }
+        }
+        let wait = if closing.is_some() { CLOSE_GRACE } else { IDLE_CLOSE };
+        idle.as_mut().reset(actix_rt::time::Instant::now() + wait);
+    }
+}

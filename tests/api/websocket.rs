@@ -1,0 +1,310 @@
+//! WebSocket tunnels (SPEC §9), as a WebSocket client sees them: the
+//! upgrade passes auth first, the instance's 101 is the client's, every kind
+//! of message is relayed both ways with close codes and reasons kept, a
+//! message over 16 MiB closes the tunnel, and a reload leaves it open.
+
+use std::time::Duration;
+
+use actix_ws::Item;
+use awc::ws::{CloseCode, CloseReason, Frame, Message};
+use futures_util::{SinkExt, StreamExt};
+
+use crate::helpers::*;
+
+const SECRET: &str = "gatehouse-websocket-test-secret-0123456789abc";
+
+fn settings(upstream: &Upstream) -> String {
+    format!(
+        r#"
+[auth]
+jwt_secret = "{SECRET}"
+[services.chat]
+instances = {chat}
+
+[routes.chat]
+prefix = "/chat"
+service = "chat"
+websocket = true
+
+[routes.private]
+prefix = "/private"
+service = "chat"
+websocket = true
+auth = true
+
+[routes.plain]
+prefix = "/plain"
+service = "chat"
+"#,
+        chat = instances(&[upstream]),
+    )
+}
+
+type Tunnel = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
+
+async fn open(gateway: &TestGateway, path: &str) -> (awc::ClientResponse, Tunnel) {
+    client()
+        .ws(gateway.url(path))
+        .max_frame_size(32 * 1024 * 1024)
+        .connect()
+        .await
+        .unwrap_or_else(|err| panic!("the WebSocket handshake through the gateway failed: {err}"))
+}
+
+/// The next frame from the gateway, within 10 s.
+async fn next(tunnel: &mut Tunnel) -> Frame {
+    actix_web::rt::time::timeout(Duration::from_secs(10), tunnel.next())
+        .await
+        .expect("a frame within 10 s")
+        .expect("the tunnel is open")
+        .expect("a valid frame")
+}
+
+fn text(frame: &Frame) -> String {
+    match frame {
+        Frame::Text(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+fn close_of(frame: &Frame) -> (u16, String) {
+    match frame {
+        Frame::Close(Some(reason)) => (u16::from(reason.code), reason.description.clone().unwrap_or_default()),
+        other => panic!("expected a close frame with a code, got {other:?}"),
+    }
+}
+
+#[actix_web::test]
+async fn every_kind_of_message_is_relayed_both_ways_and_the_instance_picks_the_protocol() {
+    let upstream = Upstream::start("chat");
+    let gateway = TestGateway::start(&settings(&upstream));
+
+    let (response, mut tunnel) = client()
+        .ws(gateway.url("/chat/room/ws?x=1"))
+        .protocols(["chat.v1", "chat.v2"])
+        .set_header("sec-websocket-extensions", "permessage-deflate; client_max_window_bits")
+        .connect()
+        .await
+        .expect("the handshake succeeds");
+    assert_eq!(response.status(), 101);
+    assert_eq!(
+        response.headers().get("sec-websocket-protocol").unwrap(),
+        "chat.v2",
+        "the instance's choice"
+    );
+    assert!(response.headers().get("sec-websocket-extensions").is_none());
+    assert!(response.headers().get("x-request-id").is_some());
+
+    let seen = upstream.last_seen();
+    assert_eq!(seen.target, "/chat/room/ws?x=1");
+    assert_eq!(
+        values(&seen, "sec-websocket-protocol"),
+        ["chat.v1,chat.v2"],
+        "as the client offered them"
+    );
+    assert!(seen.header("sec-websocket-extensions").is_none(), "{seen:?}");
+    assert_eq!(values(&seen, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(values(&seen, "x-forwarded-proto"), ["http"]);
+    assert_eq!(
+        seen.header("x-request-id"),
+        response.headers().get("x-request-id").and_then(|v| v.to_str().ok())
+    );
+
+    tunnel.send(Message::Text("hello".into())).await.unwrap();
+    assert_eq!(text(&next(&mut tunnel).await), "hello");
+
+    tunnel.send(Message::Binary(vec![0, 1, 2, 255].into())).await.unwrap();
+    assert!(matches!(next(&mut tunnel).await, Frame::Binary(bytes) if bytes[..] == [0, 1, 2, 255]));
+
+    // Pings and pongs reach the instance; the gateway answers neither.
+    tunnel.send(Message::Ping("p1".into())).await.unwrap();
+    assert_eq!(text(&next(&mut tunnel).await), "ping:p1");
+    tunnel.send(Message::Pong("p2".into())).await.unwrap();
+    assert_eq!(text(&next(&mut tunnel).await), "pong:p2");
+
+    // A fragmented message stays fragmented, both ways.
+    for item in [
+        Item::FirstText("hel".into()),
+        Item::Continue("lo ".into()),
+        Item::Last("world".into()),
+    ] {
+        tunnel.send(Message::Continuation(item)).await.unwrap();
+    }
+    let mut pieces = Vec::new();
+    for _ in 0..3 {
+        match next(&mut tunnel).await {
+            Frame::Continuation(Item::FirstText(bytes) | Item::Continue(bytes) | Item::Last(bytes)) => {
+                pieces.push(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            other => panic!("expected a continuation frame, got {other:?}"),
+        }
+    }
+    assert_eq!(pieces, ["hel", "lo ", "world"]);
+
+    // A close from the client reaches the instance with its code and reason,
+    // and the instance's answer comes back.
+    tunnel
+        .send(Message::Close(Some(CloseReason {
+            code: CloseCode::Other(4001),
+            description: Some("done".into()),
+        })))
+        .await
+        .unwrap();
+    assert_eq!(close_of(&next(&mut tunnel).await), (4001, "done".to_owned()));
+    assert!(
+        eventually(Duration::from_secs(5), async || upstream.ws_closes() == [4001]).await,
+        "{:?}",
+        upstream.ws_closes()
+    );
+}
+
+#[actix_web::test]
+async fn a_close_from_the_instance_reaches_the_client_with_its_code_and_reason() {
+    let upstream = Upstream::start("chat");
+    let gateway = TestGateway::start(&settings(&upstream));
+    let (_, mut tunnel) = open(&gateway, "/chat/ws").await;
+    tunnel.send(Message::Text("close:4000:bye now".into())).await.unwrap();
+    assert_eq!(close_of(&next(&mut tunnel).await), (4000, "bye now".to_owned()));
+}
+
+#[actix_web::test]
+async fn the_upgrade_passes_auth_first_and_the_instance_sees_the_user() {
+    let upstream = Upstream::start("chat");
+    let gateway = TestGateway::start(&settings(&upstream));
+
+    match client().ws(gateway.url("/private/ws")).connect().await {
+        Err(awc::error::WsClientError::InvalidResponseStatus(status)) => assert_eq!(status, 401),
+        Err(other) => panic!("expected a 401, got {other}"),
+        Ok(_) => panic!("the upgrade without a token was tunnelled"),
+    }
+    assert_eq!(upstream.hits(), 0);
+
+    let (response, mut tunnel) = client()
+        .ws(gateway.url("/private/ws"))
+        .bearer_auth(hs256_token(SECRET, "ada"))
+        .connect()
+        .await
+        .expect("the handshake with a token succeeds");
+    assert_eq!(response.status(), 101);
+    assert_eq!(values(&upstream.last_seen(), "x-user-id"), ["ada"]);
+    tunnel.send(Message::Text("hi".into())).await.unwrap();
+    assert_eq!(text(&next(&mut tunnel).await), "hi");
+}
+
+#[actix_web::test]
+async fn an_instance_that_does_not_switch_protocols_answers_as_a_normal_response() {
+    let upstream = Upstream::start("chat");
+    let gateway = TestGateway::start(&settings(&upstream));
+    match client().ws(gateway.url("/chat/ws-refused")).connect().await {
+        Err(awc::error::WsClientError::InvalidResponseStatus(status)) => assert_eq!(status, 403),
+        Err(other) => panic!("expected the instance's 403, got {other}"),
+        Ok(_) => panic!("a tunnel opened on a 403"),
+    }
+}
+
+#[actix_web::test]
+async fn upgrades_elsewhere_are_forwarded_as_plain_requests_without_upgrade() {
+    let upstream = Upstream::start("chat");
+    let gateway = TestGateway::start(&settings(&upstream));
+    for (path, upgrade) in [("/plain/ws", "websocket"), ("/chat/ws", "h2c")] {
+        let reply = raw_request(
+            &gateway,
+            &[
+                &format!("GET {path} HTTP/1.1"),
+                "Host: localhost",
+                &format!("Upgrade: {upgrade}"),
+                "Connection: Upgrade",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version: 13",
+                "Connection: close",
+            ],
+        );
+        assert_eq!(reply.status, 200, "{path} Upgrade: {upgrade}: {reply:?}");
+        let seen = upstream.last_seen();
+        assert_eq!(seen.target, path);
+        assert!(seen.header("upgrade").is_none(), "{seen:?}");
+        assert!(seen.header("connection").is_none(), "{seen:?}");
+    }
+}
+
+#[actix_web::test]
+async fn a_message_over_16_mib_closes_the_tunnel_with_1009_to_its_sender_and_1001_to_the_other_side() {
+    let upstream = Upstream::start("chat");
+    let gateway = TestGateway::start(&settings(&upstream));
+
+    // Exactly 16 MiB passes, both ways.
+    let (_, mut tunnel) = open(&gateway, "/chat/ws").await;
+    tunnel.send(Message::Binary(vec![7u8; 16 << 20].into())).await.unwrap();
+    assert!(matches!(next(&mut tunnel).await, Frame::Binary(bytes) if bytes.len() == 16 << 20));
+
+    // One byte more from the client.
+    tunnel
+        .send(Message::Binary(vec![7u8; (16 << 20) + 1].into()))
+        .await
+        .unwrap();
+    assert_eq!(close_of(&next(&mut tunnel).await).0, 1009);
+    assert!(
+        eventually(Duration::from_secs(5), async || upstream.ws_closes() == [1001]).await,
+        "{:?}",
+        upstream.ws_closes()
+    );
+
+    // One byte more from the instance.
+    let (_, mut tunnel) = open(&gateway, "/chat/ws").await;
+    tunnel
+        .send(Message::Text(format!("send:{}", (16 << 20) + 1).into()))
+        .await
+        .unwrap();
+    assert_eq!(close_of(&next(&mut tunnel).await).0, 1001);
+    assert!(
+        eventually(Duration::from_secs(5), async || upstream.ws_closes() == [1001, 1009]).await,
+        "{:?}",
+        upstream.ws_closes()
+    );
+}
+
+#[actix_web::test]
+async fn a_reload_leaves_open_tunnels_open_and_metrics_count_them() {
+    let upstream = Upstream::start("chat");
+    let gateway = TestGateway::start(&settings(&upstream));
+    let (_, mut tunnel) = open(&gateway, "/chat/ws").await;
+    tunnel.send(Message::Text("before".into())).await.unwrap();
+    assert_eq!(text(&next(&mut tunnel).await), "before");
+    let metrics = get(&gateway.url("/metrics")).await.text();
+    assert_eq!(
+        sample(&metrics, "gatehouse_websocket_tunnels_open", &[("route", "chat")]),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    std::fs::write(
+        gateway.settings_file(),
+        gateway.config_text(&format!(
+            "{}[routes.extra]\nprefix = \"/extra\"\nservice = \"chat\"\n",
+            settings(&upstream)
+        )),
+    )
+    .unwrap();
+    gateway.reload().await.expect("the reload succeeds");
+
+    tunnel.send(Message::Text("after".into())).await.unwrap();
+    assert_eq!(text(&next(&mut tunnel).await), "after");
+    tunnel
+        .send(Message::Close(Some(CloseCode::Normal.into())))
+        .await
+        .unwrap();
+    assert_eq!(close_of(&next(&mut tunnel).await).0, 1000);
+
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            let metrics = get(&gateway.url("/metrics")).await.text();
+            sample(&metrics, "gatehouse_websocket_tunnels_open", &[("route", "chat")]) == Some(0.0)
+                && sample(
+                    &metrics,
+                    "gatehouse_websocket_tunnels_total",
+                    &[("route", "chat"), ("ended", "client_closed")],
+                ) == Some(1.0)
+        })
+        .await
+    );
+}
