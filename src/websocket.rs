@@ -111,7 +111,9 @@ pub async fn tunnel(
     let route_name = route.name.clone();
     actix_rt::spawn(async move {
         crate::metrics::tunnel_opened(&route_name);
-        let ended = relay(session, messages.max_frame_size(MAX_MESSAGE_BYTES), upstream).await;
+        let mut upstream = upstream;
+        let ended = relay(session, messages.max_frame_size(MAX_MESSAGE_BYTES), &mut upstream).await;
+        finish(upstream).await;
         tracing::debug!(route = %route_name, ended = ended.label(), "WebSocket tunnel ended");
         crate::metrics::tunnel_closed(&route_name, ended.label());
     });
@@ -278,8 +280,23 @@ async fn send_to_client(session: &mut Option<Session>, message: Message) -> bool
     sent.is_ok()
 }
 
+/// Lets the instance end its side: what it still sends (the rest of an
+/// oversized frame, its answer to the gateway's close) is read and dropped
+/// until it closes, [`CLOSE_GRACE`] at most. Closing a socket with unread
+/// data would send a reset, which can destroy the close frame still on its
+/// way to the instance.
+async fn finish(mut upstream: InstanceSocket) {
+    use tokio::io::AsyncReadExt;
+    let socket = upstream.io_mut();
+    let mut scratch = vec![0u8; 16 * 1024];
+    let _ = actix_rt::time::timeout(CLOSE_GRACE, async {
+        while let Ok(1..) = socket.read(&mut scratch).await {}
+    })
+    .await;
+}
+
 /// Relays until the tunnel ends, and says how it did.
-async fn relay(session: Session, mut client: MessageStream, mut upstream: InstanceSocket) -> Ended {
+async fn relay(session: Session, mut client: MessageStream, upstream: &mut InstanceSocket) -> Ended {
     let mut session = Some(session);
     let (mut from_client, mut from_upstream) = (MessageSize::default(), MessageSize::default());
     // Who closed first, once someone has.

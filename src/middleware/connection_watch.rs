@@ -12,7 +12,10 @@
 //! idle connection, or answered 408, long ago) is shut down. The watchdog
 //! only touches the socket while the connection's extensions are alive, and
 //! actix-http keeps those exactly as long as the socket (see `shut_down`); it
-//! ends as soon as the connection is gone.
+//! ends as soon as the connection is gone. An open WebSocket tunnel is a
+//! request in flight (its 101 response's body streams until the tunnel
+//! ends), so the watchdog never cuts a quiet tunnel; the tunnel's own idle
+//! limit does (SPEC §9).
 
 use std::any::Any;
 use std::cell::Cell;
@@ -81,10 +84,12 @@ async fn watchdog(activity: Weak<ConnectionActivity>, socket: RawFd, idle_limit:
 /// the stream and closes the connection itself.
 fn shut_down(socket: RawFd, _alive: &Rc<ConnectionActivity>) {
     // SAFETY: `_alive` proves the connection's extensions are alive, and
-    // actix-http's h1 dispatcher owns them together with the socket (it only
-    // gives the socket away for protocol upgrades, which this server does not
-    // serve): the descriptor is still this connection's. It is borrowed, never
-    // closed here (`ManuallyDrop`).
+    // actix-http's h1 dispatcher owns them together with the socket. It only
+    // gives the socket away to an upgrade service, and actix-web's
+    // `HttpServer` installs none: WebSocket tunnels (`crate::websocket`) are
+    // served inside the dispatcher, as a response whose body streams until
+    // the tunnel ends, so the descriptor is still this connection's. It is
+    // borrowed, never closed here (`ManuallyDrop`).
     let socket = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(socket) });
     let _ = socket.shutdown(Shutdown::Both);
 }

@@ -266,13 +266,15 @@ async fn a_message_over_16_mib_closes_the_tunnel_with_1009_to_its_sender_and_100
 #[actix_web::test]
 async fn a_reload_leaves_open_tunnels_open_and_metrics_count_them() {
     let upstream = Upstream::start("chat");
-    let gateway = TestGateway::start(&settings(&upstream));
+    // Metrics are process-wide: a route name of this test's own.
+    let toml = settings(&upstream).replace("[routes.chat]", "[routes.reloading]");
+    let gateway = TestGateway::start(&toml);
     let (_, mut tunnel) = open(&gateway, "/chat/ws").await;
     tunnel.send(Message::Text("before".into())).await.unwrap();
     assert_eq!(text(&next(&mut tunnel).await), "before");
     let metrics = get(&gateway.url("/metrics")).await.text();
     assert_eq!(
-        sample(&metrics, "gatehouse_websocket_tunnels_open", &[("route", "chat")]),
+        sample(&metrics, "gatehouse_websocket_tunnels_open", &[("route", "reloading")]),
         Some(1.0),
         "{metrics}"
     );
@@ -298,11 +300,11 @@ async fn a_reload_leaves_open_tunnels_open_and_metrics_count_them() {
     assert!(
         eventually(Duration::from_secs(5), async || {
             let metrics = get(&gateway.url("/metrics")).await.text();
-            sample(&metrics, "gatehouse_websocket_tunnels_open", &[("route", "chat")]) == Some(0.0)
+            sample(&metrics, "gatehouse_websocket_tunnels_open", &[("route", "reloading")]) == Some(0.0)
                 && sample(
                     &metrics,
                     "gatehouse_websocket_tunnels_total",
-                    &[("route", "chat"), ("ended", "client_closed")],
+                    &[("route", "reloading"), ("ended", "client_closed")],
                 ) == Some(1.0)
         })
         .await
