@@ -20,6 +20,7 @@ use crate::ratelimit::SharedLimits;
 use crate::reload::{Cause, Reload, ReloadHandle, Reloader};
 use crate::settings::{Settings, Sources};
 use crate::tls::CertificateResolver;
+use crate::websocket::TunnelCloser;
 use crate::worker::Workers;
 
 /// Idle keep-alive connections from clients are closed after this long.
@@ -30,6 +31,9 @@ pub struct Application {
     address: Option<SocketAddr>,
     tls_address: Option<SocketAddr>,
     reloader: ReloadHandle,
+    tunnel_closer: TunnelCloser,
+    /// `server.shutdown_timeout_s`.
+    drain: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +83,12 @@ impl Application {
             registry.clone(),
             shared_limits.clone(),
         );
+        let (tunnel_closer, tunnel_shutdown) = TunnelCloser::new();
         let workers = Arc::new(Workers {
             deployment,
             shared_limits,
             registry,
+            tunnel_shutdown,
         });
         let mut server = with_server_options(HttpServer::new(move || workers.app()), settings);
         if let Some(listener) = listener {
@@ -98,6 +104,8 @@ impl Application {
             address,
             tls_address,
             reloader,
+            tunnel_closer,
+            drain: Duration::from_secs(settings.server.shutdown_timeout_s),
         })
     }
 
@@ -113,6 +121,17 @@ impl Application {
 
     pub fn handle(&self) -> ServerHandle {
         self.server.handle()
+    }
+
+    /// Stops the server: no new connections, requests in flight finish,
+    /// for `server.shutdown_timeout_s` at most; WebSocket tunnels are
+    /// closed with 1001 just before that time is up.
+    pub fn graceful_stop(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let (handle, closer, drain) = (self.handle(), self.tunnel_closer.clone(), self.drain);
+        async move {
+            actix_rt::spawn(closer.close_before_drain_ends(drain));
+            handle.stop(true).await;
+        }
     }
 
     /// Reloads the configuration as SIGHUP does.
@@ -182,11 +201,11 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<(), StartupErro
     let hangups = hangup_signals();
     let application = Application::build(&settings, sources)?;
     reload_on_hangup(hangups, application.reloader());
-    let handle = application.handle();
+    let stop = application.graceful_stop();
     actix_rt::spawn(async move {
         wait_for_shutdown_signal().await;
         tracing::info!("shutdown signal received; draining in-flight requests");
-        handle.stop(true).await;
+        stop.await;
     });
     application.run_until_stopped().await?;
     tracing::info!("gatehouse stopped");

@@ -13,6 +13,7 @@
 //! installed), so the connection watchdog sees an open tunnel as a request in
 //! flight and leaves it alone.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, Item, Message, ProtocolError};
@@ -37,6 +38,42 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 const IDLE_CLOSE: Duration = Duration::from_secs(300);
 /// After one side's close, how long the other side has to answer it.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Tunnels are told to close this long before the drain ends, so their
+/// close frames go out before the server drops the connections.
+const SHUTDOWN_MARGIN: Duration = Duration::from_millis(500);
+
+/// Tells every tunnel of one gateway to close with 1001: the drain on
+/// shutdown has run its course (SPEC §9). Each worker's App holds a
+/// [`TunnelShutdown`] subscribed to it.
+#[derive(Clone)]
+pub struct TunnelCloser(Arc<tokio::sync::watch::Sender<bool>>);
+
+/// What a tunnel waits on to learn the gateway is shutting down.
+#[derive(Clone)]
+pub struct TunnelShutdown(tokio::sync::watch::Receiver<bool>);
+
+impl TunnelCloser {
+    pub fn new() -> (Self, TunnelShutdown) {
+        let (sender, receiver) = tokio::sync::watch::channel(false);
+        (Self(Arc::new(sender)), TunnelShutdown(receiver))
+    }
+
+    /// Closes the open tunnels just before a drain of `drain` ends.
+    pub async fn close_before_drain_ends(self, drain: Duration) {
+        actix_rt::time::sleep(drain.saturating_sub(SHUTDOWN_MARGIN)).await;
+        tracing::info!("closing the open WebSocket tunnels");
+        self.0.send_replace(true);
+    }
+}
+
+impl TunnelShutdown {
+    async fn requested(&mut self) {
+        if self.0.wait_for(|closing| *closing).await.is_err() {
+            // The gateway is gone without a shutdown: wait for ever.
+            std::future::pending::<()>().await;
+        }
+    }
+}
 
 const SEC_WEBSOCKET_EXTENSIONS: HeaderName = header::SEC_WEBSOCKET_EXTENSIONS;
 
@@ -109,10 +146,12 @@ pub async fn tunnel(
             .insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
     }
     let route_name = route.name.clone();
+    let shutdown = req.app_data::<TunnelShutdown>().cloned();
     actix_rt::spawn(async move {
         crate::metrics::tunnel_opened(&route_name);
         let mut upstream = upstream;
-        let ended = relay(session, messages.max_frame_size(MAX_MESSAGE_BYTES), &mut upstream).await;
+        let messages = messages.max_frame_size(MAX_MESSAGE_BYTES);
+        let ended = relay(session, messages, &mut upstream, shutdown).await;
         finish(upstream).await;
         tracing::debug!(route = %route_name, ended = ended.label(), "WebSocket tunnel ended");
         crate::metrics::tunnel_closed(&route_name, ended.label());
@@ -194,6 +233,8 @@ enum Ended {
     /// A frame that breaks the protocol.
     ProtocolError,
     Idle,
+    /// The gateway shut down.
+    Shutdown,
 }
 
 impl Ended {
@@ -206,6 +247,7 @@ impl Ended {
             Ended::TooLarge => "too_large",
             Ended::ProtocolError => "protocol_error",
             Ended::Idle => "idle",
+            Ended::Shutdown => "shutdown",
         }
     }
 }
@@ -296,8 +338,21 @@ async fn finish(mut upstream: InstanceSocket) {
 }
 
 /// Relays until the tunnel ends, and says how it did.
-async fn relay(session: Session, mut client: MessageStream, upstream: &mut InstanceSocket) -> Ended {
+async fn relay(
+    session: Session,
+    mut client: MessageStream,
+    upstream: &mut InstanceSocket,
+    shutdown: Option<TunnelShutdown>,
+) -> Ended {
     let mut session = Some(session);
+    let mut shutdown = shutdown;
+    let shutdown_requested = async {
+        match shutdown.as_mut() {
+            Some(shutdown) => shutdown.requested().await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut shutdown_requested = std::pin::pin!(shutdown_requested);
     let (mut from_client, mut from_upstream) = (MessageSize::default(), MessageSize::default());
     // Who closed first, once someone has.
     let mut closing: Option<Ended> = None;
@@ -385,6 +440,11 @@ async fn relay(session: Session, mut client: MessageStream, upstream: &mut Insta
                     return closing.unwrap_or(Ended::UpstreamGone);
                 }
             },
+            () = &mut shutdown_requested => {
+                send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                return Ended::Shutdown;
+            }
             () = &mut idle => {
                 if let Some(first) = closing {
                     return first;

@@ -44,7 +44,7 @@ use crate::proxy;
 use crate::ratelimit::{RateLimiter, SharedLimits};
 use crate::settings::{RateLimitSettings, UpstreamSettings};
 use crate::telemetry::GatewayRootSpan;
-use crate::websocket;
+use crate::websocket::{self, TunnelShutdown};
 
 /// Connections kept idle in each worker's upstream pool this long.
 const UPSTREAM_KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -291,6 +291,7 @@ pub struct Workers {
     pub deployment: Arc<Deployment>,
     pub shared_limits: SharedLimits,
     pub registry: Addr<RegistryActor>,
+    pub tunnel_shutdown: TunnelShutdown,
 }
 
 impl Workers {
@@ -321,6 +322,7 @@ impl Workers {
         let context = context.expect("set by BalancerActor::create");
         self.registry.do_send(SubscribeBalancer(balancer));
         App::new()
+            .app_data(self.tunnel_shutdown.clone())
             .default_service(web::to(dispatch))
             .wrap(RateLimit::new(Stage::User))
             .wrap(Authentication)

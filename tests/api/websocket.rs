@@ -310,3 +310,36 @@ async fn a_reload_leaves_open_tunnels_open_and_metrics_count_them() {
         .await
     );
 }
+
+#[actix_web::test]
+async fn on_shutdown_open_tunnels_are_closed_with_1001_once_the_drain_time_is_up() {
+    let upstream = Upstream::start("chat");
+    let mut gateway = GatewayProcess::start(&settings(&upstream), &[("GATEHOUSE__SERVER__SHUTDOWN_TIMEOUT_S", "2")]);
+    let (_, mut tunnel) = client()
+        .ws(gateway.url("/chat/ws"))
+        .connect()
+        .await
+        .expect("the handshake succeeds");
+    tunnel.send(Message::Text("still here".into())).await.unwrap();
+    assert_eq!(text(&next(&mut tunnel).await), "still here");
+
+    gateway.signal("TERM");
+    let signalled = std::time::Instant::now();
+    // The tunnel stays open while the drain lasts…
+    actix_web::rt::time::sleep(Duration::from_millis(600)).await;
+    tunnel.send(Message::Text("draining".into())).await.unwrap();
+    assert_eq!(text(&next(&mut tunnel).await), "draining");
+    // …and is closed with 1001 on both sides before it ends.
+    assert_eq!(close_of(&next(&mut tunnel).await).0, 1001);
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_millis(1200) && took < Duration::from_secs(2),
+        "closed {took:?} after SIGTERM with shutdown_timeout_s = 2"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), async || upstream.ws_closes() == [1001]).await,
+        "{:?}",
+        upstream.ws_closes()
+    );
+    assert_eq!(gateway.wait_exit(Duration::from_secs(5)), Some(0));
+}
