@@ -36,6 +36,19 @@ use crate::worker::Snapshot;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// A tunnel with no message either way for this long is closed.
 const IDLE_CLOSE: Duration = Duration::from_secs(300);
+
+/// [`IDLE_CLOSE`], unless the environment variable
+/// `GATEHOUSE_TEST_WEBSOCKET_IDLE_MS` says otherwise: a hook for the tests,
+/// which cannot wait five minutes. Read once per process.
+fn idle_close() -> Duration {
+    static IDLE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *IDLE.get_or_init(|| {
+        std::env::var("GATEHOUSE_TEST_WEBSOCKET_IDLE_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map_or(IDLE_CLOSE, Duration::from_millis)
+    })
+}
 /// After one side's close, how long the other side has to answer it.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Tunnels are told to close this long before the drain ends, so their
@@ -356,7 +369,8 @@ async fn relay(
     let (mut from_client, mut from_upstream) = (MessageSize::default(), MessageSize::default());
     // Who closed first, once someone has.
     let mut closing: Option<Ended> = None;
-    let mut idle = Box::pin(actix_rt::time::sleep(IDLE_CLOSE));
+    let idle_limit = idle_close();
+    let mut idle = Box::pin(actix_rt::time::sleep(idle_limit));
     loop {
         tokio::select! {
             message = client.next() => match message {
@@ -454,7 +468,7 @@ async fn relay(
                 return Ended::Idle;
             }
         }
-        let wait = if closing.is_some() { CLOSE_GRACE } else { IDLE_CLOSE };
+        let wait = if closing.is_some() { CLOSE_GRACE } else { idle_limit };
         idle.as_mut().reset(actix_rt::time::Instant::now() + wait);
     }
 }

@@ -343,3 +343,58 @@ async fn on_shutdown_open_tunnels_are_closed_with_1001_once_the_drain_time_is_up
     );
     assert_eq!(gateway.wait_exit(Duration::from_secs(5)), Some(0));
 }
+
+#[actix_web::test]
+async fn a_tunnel_with_no_message_either_way_for_the_idle_limit_is_closed_with_1001() {
+    let upstream = Upstream::start("chat");
+    // The binary, with the idle limit of 300 s cut to 800 ms by its test hook.
+    let gateway = GatewayProcess::start(&settings(&upstream), &[("GATEHOUSE_TEST_WEBSOCKET_IDLE_MS", "800")]);
+    let (_, mut tunnel) = client()
+        .ws(gateway.url("/chat/ws"))
+        .connect()
+        .await
+        .expect("the handshake succeeds");
+    // Messages either way keep it open past the limit…
+    for round in 0..3 {
+        actix_web::rt::time::sleep(Duration::from_millis(500)).await;
+        tunnel
+            .send(Message::Text(format!("round {round}").into()))
+            .await
+            .unwrap();
+        assert_eq!(text(&next(&mut tunnel).await), format!("round {round}"));
+    }
+    // …silence does not.
+    let quiet = std::time::Instant::now();
+    assert_eq!(close_of(&next(&mut tunnel).await).0, 1001);
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(700),
+        "closed after {:?}",
+        quiet.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), async || upstream.ws_closes() == [1001]).await,
+        "{:?}",
+        upstream.ws_closes()
+    );
+}
+
+#[actix_web::test]
+async fn the_upgrade_counts_once_against_the_rate_limits_whatever_the_tunnel_carries() {
+    let upstream = Upstream::start("chat");
+    let gateway = TestGateway::start(&format!(
+        "{}[rate_limit]\nglobal = \"two\"\n[rate_limit.policies.two]\nwindow_s = 60\nmax = 2\nkey = \"ip\"\nmessage = \"Slow down\"\n",
+        settings(&upstream)
+    ));
+    let (_, mut first) = open(&gateway, "/chat/ws").await;
+    for n in 0..20 {
+        first.send(Message::Text(format!("{n}").into())).await.unwrap();
+        assert_eq!(text(&next(&mut first).await), format!("{n}"));
+    }
+    let (_, _second) = open(&gateway, "/chat/ws").await;
+    match client().ws(gateway.url("/chat/ws")).connect().await {
+        Err(awc::error::WsClientError::InvalidResponseStatus(status)) => assert_eq!(status, 429),
+        Err(other) => panic!("expected a 429, got {other}"),
+        Ok(_) => panic!("a third upgrade got through a policy of 2"),
+    }
+    assert_eq!(upstream.hits(), 2, "the refused upgrade never reached the instance");
+}
