@@ -35,7 +35,7 @@ use crate::gateway::Gateway;
 use crate::middleware::auth::Authentication;
 use crate::middleware::body_check::BodyCheck;
 use crate::middleware::connection_watch::ConnectionWatch;
-use crate::middleware::cors::{preflight_response, Cors};
+use crate::middleware::cors::preflight_response;
 use crate::middleware::rate_limit::{RateLimit, Stage};
 use crate::middleware::request_id::RequestIds;
 use crate::middleware::route_match::{RouteMatcher, Routed, Target};
@@ -327,7 +327,6 @@ impl Workers {
             .wrap(RateLimit::new(Stage::User))
             .wrap(Authentication)
             .wrap(RateLimit::new(Stage::Address))
-            .wrap(Cors)
             .wrap(RouteMatcher::new(context))
             .wrap(BodyCheck)
             .wrap(TracingLogger::<GatewayRootSpan>::new())

@@ -1,16 +1,18 @@
 //! CORS on the routes that have a policy (SPEC §10): every response of such
 //! a route, the gateway's own 401/403/429 included, gets the route's CORS
-//! headers in place of the upstream's. This layer sits just inside the route
-//! matcher, outside the address-keyed limits, so their 429s are covered too.
+//! headers in place of the upstream's. The route matcher wraps the rest of
+//! the pipeline in [`WithCors`], so the address-keyed limits' 429s are
+//! covered too.
 //! Preflights are told apart by the route matcher ([`Target::Preflight`]),
 //! pass the address-keyed limits, skip auth, and are answered by the dispatch
 //! handler with [`preflight_response`].
 
-use std::future::{ready, Future, Ready};
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::dev::ServiceResponse;
 use actix_web::http::StatusCode;
 use actix_web::{Error, HttpMessage, HttpRequest, HttpResponse};
 
@@ -26,59 +28,24 @@ pub fn preflight_response(req: &HttpRequest, route: &Route) -> HttpResponse {
     response
 }
 
-pub struct Cors;
-
-impl<S, B> Transform<S, ServiceRequest> for Cors
-where
-    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
-    B: 'static,
-{
-    type Response = ServiceResponse<B>;
-    type Error = Error;
-    type Transform = CorsService<S>;
-    type InitError = ();
-    type Future = Ready<Result<Self::Transform, Self::InitError>>;
-
-    fn new_transform(&self, service: S) -> Self::Future {
-        ready(Ok(CorsService { service }))
-    }
-}
-
-pub struct CorsService<S> {
-    service: S,
-}
-
-impl<S, B> Service<ServiceRequest> for CorsService<S>
-where
-    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
-    B: 'static,
-{
-    type Response = ServiceResponse<B>;
-    type Error = Error;
-    type Future = WithCors<S::Future>;
-
-    actix_web::dev::forward_ready!(service);
-
-    fn call(&self, req: ServiceRequest) -> Self::Future {
-        let applies = req
-            .extensions()
-            .get::<Routed>()
-            .and_then(Routed::matched_route)
-            .is_some_and(|route| route.cors.is_some());
-        WithCors {
-            response: self.service.call(req),
-            applies,
-        }
-    }
-}
-
 pin_project_lite::pin_project! {
-    /// The inner response with the route's CORS headers (not boxed: this
-    /// layer wraps every routed request).
+    /// The inner response, with the CORS headers of `route` when it has a
+    /// policy. The route matcher wraps every routed request in it, so
+    /// routes without a policy pay one `Option` check and nothing else.
     pub struct WithCors<F> {
         #[pin]
         response: F,
-        applies: bool,
+        route: Option<Arc<Route>>,
+    }
+}
+
+impl<F> WithCors<F> {
+    /// `route`: the route the request matched (or a preflight asks about).
+    pub fn new(response: F, route: Option<&Arc<Route>>) -> Self {
+        Self {
+            response,
+            route: route.filter(|route| route.cors.is_some()).cloned(),
+        }
     }
 }
 
@@ -91,19 +58,15 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = std::task::ready!(this.response.poll(cx))?;
-        if *this.applies {
+        if let Some(policy) = this.route.as_ref().and_then(|route| route.cors.as_ref()) {
             let request = response.request().clone();
-            let extensions = request.extensions();
-            let routed = extensions.get::<Routed>();
-            let answered_preflight = matches!(routed.map(|routed| &routed.target), Some(Target::Preflight(_)))
-                && response.status() == StatusCode::NO_CONTENT;
-            if let Some(policy) = routed
-                .and_then(Routed::matched_route)
-                .and_then(|route| route.cors.as_ref())
-            {
-                if !answered_preflight {
-                    policy.decorate(request.headers(), response.headers_mut());
-                }
+            let answered_preflight = response.status() == StatusCode::NO_CONTENT
+                && matches!(
+                    request.extensions().get::<Routed>().map(|routed| &routed.target),
+                    Some(Target::Preflight(_))
+                );
+            if !answered_preflight {
+                policy.decorate(request.headers(), response.headers_mut());
             }
         }
         Poll::Ready(Ok(response))

@@ -7,11 +7,12 @@
 //!    escaped the inner layers into a response, so nothing leaves bare.
 //! 3. `tracing_actix_web::TracingLogger` with [`crate::telemetry::GatewayRootSpan`].
 //! 4. [`body_check`]: 400 as soon as a chunked request body turns out malformed.
-//! 5. [`route_match`]: head size, path normalization and route lookup.
-//! 6. [`cors`]: a route's CORS headers on all its responses.
-//! 7. [`rate_limit`] (address stage): policies keyed by client address.
-//! 8. [`auth`]: bearer token and roles, for routes that ask for them.
-//! 9. [`rate_limit`] (user stage): policies keyed by the JWT `sub`.
+//! 5. [`route_match`]: head size, path normalization and route lookup;
+//!    the routed request's response gets its route's CORS headers
+//!    ([`cors`]).
+//! 6. [`rate_limit`] (address stage): policies keyed by client address.
+//! 7. [`auth`]: bearer token and roles, for routes that ask for them.
+//! 8. [`rate_limit`] (user stage): policies keyed by the JWT `sub`.
 //!
 //! The dispatch handler in [`crate::worker`] answers 404/405, CORS
 //! preflights, the gateway's own endpoints, or forwards through

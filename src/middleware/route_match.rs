@@ -19,6 +19,7 @@ use futures_util::future::Either;
 use crate::cors::is_preflight;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
+use crate::middleware::cors::WithCors;
 use crate::middleware::{passthrough, Passthrough};
 use crate::routing::{
     host_name, normalize_path, normalize_path_keeping_encoded_slashes, request_host, InvalidPath, Route, RouteMatch,
@@ -226,15 +227,21 @@ where
 {
     type Response = ServiceResponse<EitherBody<B>>;
     type Error = Error;
-    type Future = Either<Passthrough<S::Future, B>, Ready<Result<Self::Response, Self::Error>>>;
+    type Future = Either<WithCors<Passthrough<S::Future, B>>, Ready<Result<Self::Response, Self::Error>>>;
 
     actix_web::dev::forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
         match classify(&req, self.worker.snapshot()) {
             Ok(routed) => {
+                let cors = routed
+                    .snapshot
+                    .gateway
+                    .any_route_has_cors
+                    .then(|| routed.matched_route().cloned())
+                    .flatten();
                 req.extensions_mut().insert(routed);
-                Either::Left(passthrough(self.service.call(req)))
+                Either::Left(WithCors::new(passthrough(self.service.call(req)), cors.as_ref()))
             }
             Err(error) => Either::Right(ready(Ok(req.error_response(error).map_into_right_body()))),
         }
