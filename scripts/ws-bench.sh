@@ -47,7 +47,7 @@ async def health(connection, request):
         return connection.respond(200, "ok\n")
 async def main():
     async with serve(echo, "127.0.0.1", int(sys.argv[1]), process_request=health,
-                                compression=None, max_queue=None, ping_interval=None):
+                                compression=None, max_queue=None, ping_interval=None, backlog=4096):
         await asyncio.Future()
 asyncio.run(main())
 EOF
@@ -61,6 +61,8 @@ listen = "127.0.0.1:$GATEHOUSE"
 workers = 1
 [rate_limit]
 global = ""
+[upstream]
+connect_timeout_ms = 5000
 [services.echo]
 instances = ["http://127.0.0.1:$ECHO"]
 [routes.echo]

@@ -211,11 +211,7 @@ async fn handshake(
     let host = route.preserve_host.then(|| proxy::client_host_value(req)).flatten();
     headers.insert(header::HOST, host.unwrap_or_else(|| instance.host.clone()));
 
-    let mut request = ctx
-        .upstream(route.service, index)
-        .client
-        .ws(uri)
-        .max_frame_size(MAX_MESSAGE_BYTES);
+    let mut request = ctx.tunnels.ws(uri).max_frame_size(MAX_MESSAGE_BYTES);
     for (name, value) in headers.iter() {
         request = request.header(name.clone(), value.clone());
     }

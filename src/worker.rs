@@ -75,6 +75,11 @@ pub struct Snapshot {
     pub passive_threshold: u32,
     /// `services[s]` is `gateway.services[s]`.
     services: Vec<ServiceUpstreams>,
+    /// Opens WebSocket tunnels to every instance. A tunnel's connection never
+    /// goes back to a pool, but it holds one of its pool's connection
+    /// permits while it lasts: so tunnels have a client of their own, with
+    /// no cap, and the instances' request pools stay whole.
+    pub tunnels: awc::Client,
     upstream: UpstreamSettings,
     rate_limit: RateLimitSettings,
 }
@@ -149,6 +154,10 @@ impl Snapshot {
             }
         }
         let new_client = || upstream_client(&deployment.upstream, gateway.upstream_tls.clone());
+        let tunnels = previous.filter(same_clients).map_or_else(
+            || tunnel_client(&deployment.upstream, gateway.upstream_tls.clone()),
+            |previous| previous.tunnels.clone(),
+        );
         let services = gateway
             .services
             .iter()
@@ -199,6 +208,7 @@ impl Snapshot {
             balancer: balancer.clone(),
             passive_threshold: deployment.passive_threshold,
             services,
+            tunnels,
             upstream: deployment.upstream.clone(),
             rate_limit: deployment.rate_limit.clone(),
         }
@@ -350,6 +360,19 @@ fn upstream_client(upstream: &UpstreamSettings, tls: Arc<rustls::ClientConfig>) 
         .disable_redirects()
         .no_default_headers()
         .timeout(Duration::from_millis(upstream.request_timeout_ms))
+        .finish()
+}
+
+/// The client of [`Snapshot::tunnels`]: no connection cap, no pooling.
+fn tunnel_client(upstream: &UpstreamSettings, tls: Arc<rustls::ClientConfig>) -> awc::Client {
+    let connector = awc::Connector::new()
+        .timeout(Duration::from_millis(upstream.connect_timeout_ms))
+        .limit(0)
+        .rustls_0_23(tls);
+    awc::Client::builder()
+        .connector(connector)
+        .disable_redirects()
+        .no_default_headers()
         .finish()
 }
 

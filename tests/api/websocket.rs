@@ -398,3 +398,21 @@ async fn the_upgrade_counts_once_against_the_rate_limits_whatever_the_tunnel_car
     }
     assert_eq!(upstream.hits(), 2, "the refused upgrade never reached the instance");
 }
+
+#[actix_web::test]
+async fn tunnels_do_not_count_against_the_instance_s_connection_cap() {
+    let upstream = Upstream::start("chat");
+    let gateway = TestGateway::start(&format!(
+        "[upstream]\nmax_connections_per_host = 2\n{}",
+        settings(&upstream)
+    ));
+    let mut tunnels = Vec::new();
+    for n in 0..4 {
+        let (_, mut tunnel) = open(&gateway, "/chat/ws").await;
+        tunnel.send(Message::Text(format!("tunnel {n}").into())).await.unwrap();
+        assert_eq!(text(&next(&mut tunnel).await), format!("tunnel {n}"));
+        tunnels.push(tunnel);
+    }
+    // Plain requests to the instance still find a connection.
+    assert_eq!(get(&gateway.url("/plain/x")).await.status, 200);
+}
