@@ -53,6 +53,7 @@ asyncio.run(main())
 EOF
 taskset -c "$LOAD_CPUS" python3 "$WORK/echo.py" "$ECHO" &
 PIDS+=($!)
+wait_port "$ECHO"   # before gatehouse's first health probe
 
 mkdir -p "$WORK/settings"
 cat >"$WORK/settings/default.toml" <<EOF
@@ -73,7 +74,7 @@ EOF
 GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench GATEHOUSE_LOG=warn \
   taskset -c 0 ./target/release/gatehouse 2>"$WORK/gatehouse.log" &
 PIDS+=($!); GATEHOUSE_PID=$!
-wait_port "$ECHO"; wait_port "$GATEHOUSE"
+wait_port "$GATEHOUSE"
 sleep 0.5
 
 cat >"$WORK/client.py" <<'EOF'
