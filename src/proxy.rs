@@ -294,7 +294,7 @@ pub(crate) fn upstream_uri(instance: &Instance, path_and_query: &PathAndQuery) -
 }
 
 /// True for headers that describe one connection, not the message.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == KEEP_ALIVE
         || name == header::PROXY_AUTHENTICATE

@@ -1,10 +1,11 @@
 //! WebSocket tunnels on routes with `websocket = true` (SPEC §9).
 //!
 //! The upgrade request has passed the whole pipeline (limits, auth, roles)
-//! by the time it gets here. The gateway opens its own WebSocket handshake
-//! to the instance with awc (its own key, the client's protocols, the
-//! forwarding headers), and only once the instance has answered 101 does the
-//! client get its 101 (`actix-ws`, which answers the client's key). Then a
+//! by the time it gets here. The gateway sends the handshake on to the
+//! instance over a connection of its own (awc's connector; the client's key
+//! and protocols, the forwarding headers), and only once the instance has
+//! answered 101, with the accept value of that key, does the client get its
+//! 101 (`actix-ws`). Any other answer goes back as a normal response. Then a
 //! task on the worker relays messages both ways, frame by frame, so
 //! fragmented messages stay fragmented and pings are relayed, not answered.
 //!
@@ -16,14 +17,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::rc::Rc;
+
+use actix_codec::Framed;
+use actix_http::body::SizedStream;
+use actix_http::h1::ClientCodec;
 use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, Item, Message, ProtocolError};
-use actix_web::http::header::{self, HeaderName};
-use actix_web::http::{Method, Version};
+use actix_http::{RequestHead, ResponseHead};
+use actix_service::Service as _;
+use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::http::{ConnectionType, Method, StatusCode, Uri, Version};
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{MessageStream, Session};
-use awc::error::{SendRequestError, WsClientError};
-use awc::BoxedSocket;
+use awc::error::SendRequestError;
 use bytestring::ByteString;
+use futures_util::future::LocalBoxFuture;
 use futures_util::{SinkExt, StreamExt};
 
 use crate::error::GatewayError;
@@ -135,7 +143,7 @@ pub async fn tunnel(
     }
     let (upstream_head, upstream) = match attempt {
         Ok(connected) => connected,
-        Err(Refused::Answered(status)) => return Ok(HttpResponse::build(status).finish()),
+        Err(Refused::Answered(response)) => return Ok(response),
         Err(Refused::Connect(reason)) => return Err(unavailable(service, reason)),
         Err(Refused::Timeout) => {
             return Err(GatewayError::GatewayTimeout {
@@ -153,7 +161,7 @@ pub async fn tunnel(
         tracing::debug!(reason = %err, "WebSocket handshake refused");
         GatewayError::BadRequest("invalid WebSocket handshake")
     })?;
-    if let Some(protocol) = upstream_head.headers().get(header::SEC_WEBSOCKET_PROTOCOL) {
+    if let Some(protocol) = upstream_head.headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
         response
             .headers_mut()
             .insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
@@ -184,14 +192,51 @@ enum Refused {
     /// No connection: nothing was sent.
     Connect(String),
     Timeout,
-    /// The instance answered, with another status than 101.
-    Answered(awc::http::StatusCode),
+    /// The instance answered with another status than 101: its answer,
+    /// passed on as a normal response.
+    Answered(HttpResponse),
     /// A 101 that is not a valid WebSocket answer.
     BadAnswer(String),
 }
 
+/// A connection to an instance, whatever its transport (TCP or TLS).
+pub trait TunnelIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> TunnelIo for T {}
+
 /// The instance's side of a tunnel.
-type InstanceSocket = actix_codec::Framed<BoxedSocket, Codec>;
+type InstanceSocket = Framed<Box<dyn TunnelIo>, Codec>;
+type Handshaking = Framed<Box<dyn TunnelIo>, ClientCodec>;
+
+/// Sends a request head on a new connection to an instance and reads the
+/// answer's head, keeping the connection for what follows (awc's
+/// `Connection::open_tunnel`, which does not check the answer, unlike its
+/// WebSocket client, which keeps nothing of an answer but its status).
+pub type TunnelOpener =
+    Rc<dyn Fn(Uri, RequestHead) -> LocalBoxFuture<'static, Result<(ResponseHead, Handshaking), SendRequestError>>>;
+
+/// A [`TunnelOpener`] over awc's connector with no connection cap (a tunnel
+/// never goes back to a pool), `upstream.connect_timeout_ms` and the
+/// upstream TLS configuration.
+pub fn tunnel_opener(connect_timeout: Duration, tls: Arc<rustls::ClientConfig>) -> TunnelOpener {
+    let connector = Rc::new(
+        awc::Connector::new()
+            .timeout(connect_timeout)
+            .limit(0)
+            .rustls_0_23(tls)
+            .finish(),
+    );
+    Rc::new(move |uri, head| {
+        let connector = connector.clone();
+        Box::pin(async move {
+            let connection = connector
+                .call(awc::Connect { uri, addr: None })
+                .await
+                .map_err(SendRequestError::Connect)?;
+            let (head, framed) = connection.open_tunnel(head).await?;
+            Ok((head, framed.into_map_io(|io| Box::new(io) as Box<dyn TunnelIo>)))
+        })
+    })
+}
 
 async fn handshake(
     req: &HttpRequest,
@@ -199,30 +244,93 @@ async fn handshake(
     ctx: &Snapshot,
     index: usize,
     path_and_query: &actix_web::http::uri::PathAndQuery,
-) -> Result<(awc::ClientResponse, InstanceSocket), Refused> {
+) -> Result<(ResponseHead, InstanceSocket), Refused> {
     let instance = &ctx.gateway.services[route.service].instances[index];
     let uri = proxy::upstream_uri(instance, path_and_query).map_err(Refused::BadAnswer)?;
-    let mut headers = proxy::upstream_headers(req, &ctx.gateway);
-    // awc writes its own key, version, `Upgrade` and `Connection`; no
-    // extension (compression) is negotiated through the gateway.
-    headers.remove(SEC_WEBSOCKET_EXTENSIONS);
-    headers.remove(header::SEC_WEBSOCKET_KEY);
-    headers.remove(header::SEC_WEBSOCKET_VERSION);
-    let host = route.preserve_host.then(|| proxy::client_host_value(req)).flatten();
-    headers.insert(header::HOST, host.unwrap_or_else(|| instance.host.clone()));
-
-    let mut request = ctx.tunnels.ws(uri).max_frame_size(MAX_MESSAGE_BYTES);
-    for (name, value) in headers.iter() {
-        request = request.header(name.clone(), value.clone());
+    let mut head = RequestHead::default();
+    head.method = Method::GET;
+    head.uri = uri.clone();
+    head.version = Version::HTTP_11;
+    head.headers = proxy::upstream_headers(req, &ctx.gateway);
+    // The client's key and protocols go as they came (so the instance's
+    // `Sec-WebSocket-Accept` answers the client's key); no extension
+    // (compression) is negotiated through the gateway.
+    head.headers.remove(SEC_WEBSOCKET_EXTENSIONS);
+    for name in [header::SEC_WEBSOCKET_KEY, header::SEC_WEBSOCKET_VERSION] {
+        if let Some(value) = req.headers().get(&name) {
+            head.headers.insert(name, value.clone());
+        }
     }
-    let connected = actix_rt::time::timeout(route.request_timeout, request.connect()).await;
-    match connected {
-        Err(_) => Err(Refused::Timeout),
-        Ok(Ok(connected)) => Ok(connected),
-        Ok(Err(WsClientError::InvalidResponseStatus(status))) => Err(Refused::Answered(status)),
-        Ok(Err(WsClientError::SendRequest(SendRequestError::Connect(err)))) => Err(Refused::Connect(err.to_string())),
-        Ok(Err(WsClientError::SendRequest(SendRequestError::Timeout))) => Err(Refused::Timeout),
-        Ok(Err(err)) => Err(Refused::BadAnswer(err.to_string())),
+    head.headers
+        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    head.set_connection_type(ConnectionType::Upgrade);
+    let host = route.preserve_host.then(|| proxy::client_host_value(req)).flatten();
+    head.headers
+        .insert(header::HOST, host.unwrap_or_else(|| instance.host.clone()));
+
+    let opened = actix_rt::time::timeout(route.request_timeout, (ctx.tunnels)(uri, head)).await;
+    let (answer, framed) = match opened {
+        Err(_) | Ok(Err(SendRequestError::Timeout)) => return Err(Refused::Timeout),
+        Ok(Err(SendRequestError::Connect(err))) => return Err(Refused::Connect(err.to_string())),
+        Ok(Err(err)) => return Err(Refused::BadAnswer(err.to_string())),
+        Ok(Ok(opened)) => opened,
+    };
+    if answer.status != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(Refused::Answered(passed_on(answer, framed)));
+    }
+    let expected = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|key| actix_http::ws::hash_key(key.as_bytes()));
+    let accepted = answer
+        .headers
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .map(HeaderValue::as_bytes);
+    let upgraded = answer
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
+    if !upgraded || expected.as_ref().map(|key| &key[..]) != accepted {
+        return Err(Refused::BadAnswer("a 101 that is not a WebSocket handshake".to_owned()));
+    }
+    let socket = framed.into_map_codec(|_| Codec::new().max_size(MAX_MESSAGE_BYTES).client_mode());
+    Ok((answer, socket))
+}
+
+/// An instance's answer other than 101, as the client's response: its
+/// status, its headers less hop-by-hop ones, `Server` and `X-Powered-By`,
+/// and its body as it arrives.
+fn passed_on(answer: ResponseHead, framed: Handshaking) -> HttpResponse {
+    let mut response = HttpResponse::build(answer.status);
+    let length = answer
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.parse::<u64>().ok());
+    for (name, value) in answer.headers.iter() {
+        if proxy::is_hop_by_hop(name)
+            || name == header::CONTENT_LENGTH
+            || name == header::SERVER
+            || name.as_str() == "x-powered-by"
+        {
+            continue;
+        }
+        response.append_header((name.clone(), value.clone()));
+    }
+    let payload = framed.into_map_codec(ClientCodec::into_payload_codec);
+    let body = futures_util::stream::unfold(Some(payload), |payload| async move {
+        let mut payload = payload?;
+        match payload.next().await? {
+            Ok(Some(bytes)) => Some((Ok::<_, actix_web::Error>(bytes), Some(payload))),
+            Ok(None) => None,
+            // Cut short: the client sees the connection end early.
+            Err(err) => Some((Err(actix_web::error::ErrorBadGateway(err)), None)),
+        }
+    });
+    match length {
+        Some(length) => response.body(SizedStream::new(length, Box::pin(body))),
+        None => response.streaming(body),
     }
 }
 

@@ -44,7 +44,7 @@ use crate::proxy;
 use crate::ratelimit::{RateLimiter, SharedLimits};
 use crate::settings::{RateLimitSettings, UpstreamSettings};
 use crate::telemetry::GatewayRootSpan;
-use crate::websocket::{self, TunnelShutdown};
+use crate::websocket::{self, tunnel_opener, TunnelOpener, TunnelShutdown};
 
 /// Connections kept idle in each worker's upstream pool this long.
 const UPSTREAM_KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -76,10 +76,10 @@ pub struct Snapshot {
     /// `services[s]` is `gateway.services[s]`.
     services: Vec<ServiceUpstreams>,
     /// Opens WebSocket tunnels to every instance. A tunnel's connection never
-    /// goes back to a pool, but it holds one of its pool's connection
-    /// permits while it lasts: so tunnels have a client of their own, with
-    /// no cap, and the instances' request pools stay whole.
-    pub tunnels: awc::Client,
+    /// goes back to a pool, and through an instance's pooled client it would
+    /// hold one of its connection permits while it lasts: so tunnels have a
+    /// connector of their own, with no cap, and the request pools stay whole.
+    pub tunnels: TunnelOpener,
     upstream: UpstreamSettings,
     rate_limit: RateLimitSettings,
 }
@@ -155,7 +155,12 @@ impl Snapshot {
         }
         let new_client = || upstream_client(&deployment.upstream, gateway.upstream_tls.clone());
         let tunnels = previous.filter(same_clients).map_or_else(
-            || tunnel_client(&deployment.upstream, gateway.upstream_tls.clone()),
+            || {
+                tunnel_opener(
+                    Duration::from_millis(deployment.upstream.connect_timeout_ms),
+                    gateway.upstream_tls.clone(),
+                )
+            },
             |previous| previous.tunnels.clone(),
         );
         let services = gateway
@@ -360,19 +365,6 @@ fn upstream_client(upstream: &UpstreamSettings, tls: Arc<rustls::ClientConfig>) 
         .disable_redirects()
         .no_default_headers()
         .timeout(Duration::from_millis(upstream.request_timeout_ms))
-        .finish()
-}
-
-/// The client of [`Snapshot::tunnels`]: no connection cap, no pooling.
-fn tunnel_client(upstream: &UpstreamSettings, tls: Arc<rustls::ClientConfig>) -> awc::Client {
-    let connector = awc::Connector::new()
-        .timeout(Duration::from_millis(upstream.connect_timeout_ms))
-        .limit(0)
-        .rustls_0_23(tls);
-    awc::Client::builder()
-        .connector(connector)
-        .disable_redirects()
-        .no_default_headers()
         .finish()
 }
 

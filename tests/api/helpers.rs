@@ -68,7 +68,8 @@ struct UpstreamState {
 /// - `…/own-headers` sets its own `Content-Security-Policy` and `X-Frame-Options`.
 /// - `…/slow/<ms>` waits before answering.
 /// - `…/ws` with `Upgrade: websocket` is a WebSocket echo (see [`ws_echo`]);
-///   `…/ws-refused` answers such an upgrade with 403.
+///   `…/ws-refused` answers such an upgrade with 403, `…/ws-ignored` with a
+///   plain 200.
 /// - anything else echoes JSON: instance, method, target, headers, body size and hash.
 ///
 /// Every response carries `Server: upstream-server` and `X-Powered-By: Express`.
@@ -271,12 +272,19 @@ async fn upstream_handler(req: HttpRequest, mut payload: web::Payload, data: Ups
         let status = StatusCode::from_u16(state.health_status.load(Ordering::SeqCst)).unwrap();
         return HttpResponse::build(status).json(serde_json::json!({ "status": status.as_u16() }));
     }
-    if req.headers().contains_key("upgrade") && (path.ends_with("/ws") || path.ends_with("/ws-refused")) {
+    let ws_paths = ["/ws", "/ws-refused", "/ws-ignored"];
+    if req.headers().contains_key("upgrade") && ws_paths.iter().any(|end| path.ends_with(end)) {
         record(&req, state, 0, String::new());
         if path.ends_with("/ws-refused") {
             return HttpResponse::Forbidden()
                 .insert_header(("x-upstream-instance", name.as_str()))
+                .insert_header(("server", "upstream-server"))
                 .body("no tunnels here");
+        }
+        if path.ends_with("/ws-ignored") {
+            return HttpResponse::Ok()
+                .insert_header(("x-upstream-instance", name.as_str()))
+                .body("a plain answer");
         }
         return ws_echo(&req, payload, state.clone());
     }

@@ -195,10 +195,26 @@ async fn the_upgrade_passes_auth_first_and_the_instance_sees_the_user() {
 async fn an_instance_that_does_not_switch_protocols_answers_as_a_normal_response() {
     let upstream = Upstream::start("chat");
     let gateway = TestGateway::start(&settings(&upstream));
-    match client().ws(gateway.url("/chat/ws-refused")).connect().await {
-        Err(awc::error::WsClientError::InvalidResponseStatus(status)) => assert_eq!(status, 403),
-        Err(other) => panic!("expected the instance's 403, got {other}"),
-        Ok(_) => panic!("a tunnel opened on a 403"),
+    for (path, status, body) in [
+        ("/chat/ws-refused", 403, "no tunnels here"),
+        ("/chat/ws-ignored", 200, "a plain answer"),
+    ] {
+        let reply = raw_request(
+            &gateway,
+            &[
+                &format!("GET {path} HTTP/1.1"),
+                "Host: localhost",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version: 13",
+            ],
+        );
+        assert_eq!(reply.status, status, "{path}: {reply:?}");
+        assert_eq!(reply.body, body, "{path}");
+        assert_eq!(reply.header("x-upstream-instance"), Some("chat"), "{path}");
+        assert_eq!(reply.header("server"), None, "{path}");
+        assert!(reply.header("x-request-id").is_some(), "{path}");
     }
 }
 
