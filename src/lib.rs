@@ -17,6 +17,8 @@
 //!
 //! State that changes while running lives in [`actors`]: the registry owns
 //! instance health, the health checker probes, the balancers rotate.
+//! [`jwks`] parses an identity provider's key set and picks a token's key
+//! (not yet fetched by the gateway: SPEC §11 is being built).
 //! [`settings`] loads the layered configuration; [`gateway`] is its compiled,
 //! immutable form; [`telemetry`] sets up logs; [`cli`] is the command line.
 
@@ -27,6 +29,7 @@ pub mod cors;
 pub mod endpoints;
 pub mod error;
 pub mod gateway;
+pub mod jwks;
 pub mod metrics;
 pub mod middleware;
 pub mod proxy;

@@ -1,0 +1,346 @@
+//! A provider's JSON Web Key Set (SPEC §11), as the verifier uses it: the
+//! usable signing keys of one fetched set, and which of them, if any, may
+//! check a given token.
+//!
+//! Only the set decides: a token's `jku`, `x5u`, `x5c` and `jwk` headers are
+//! never read, symmetric (`oct`) keys are dropped when the set is parsed, and
+//! a key must suit the token's `alg` by family and curve and by the JWK's own
+//! `alg` and `use` when it states them, so a key published for one
+//! algorithm cannot be turned to another (an ES256 key for an RS256 token, a
+//! modulus as an HMAC secret).
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, Header};
+use serde_json::Value;
+
+/// The largest key set read; a larger answer is not a key set.
+pub const MAX_SET_BYTES: usize = 1024 * 1024;
+
+/// What kind of public key an algorithm needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    Rsa,
+    P256,
+    P384,
+    Ed25519,
+}
+
+impl KeyKind {
+    fn of_algorithm(algorithm: Algorithm) -> Option<Self> {
+        match algorithm {
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => Some(Self::Rsa),
+            Algorithm::ES256 => Some(Self::P256),
+            Algorithm::ES384 => Some(Self::P384),
+            Algorithm::EdDSA => Some(Self::Ed25519),
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => None,
+        }
+    }
+
+    /// `None` for keys the gateway never verifies with: symmetric ones, and
+    /// curves no accepted algorithm uses (P-521).
+    fn of_jwk(jwk: &Jwk) -> Option<Self> {
+        match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Some(Self::Rsa),
+            AlgorithmParameters::EllipticCurve(params) => match params.curve {
+                EllipticCurve::P256 => Some(Self::P256),
+                EllipticCurve::P384 => Some(Self::P384),
+                EllipticCurve::P521 | EllipticCurve::Ed25519 => None,
+            },
+            AlgorithmParameters::OctetKeyPair(params) => {
+                (params.curve == EllipticCurve::Ed25519).then_some(Self::Ed25519)
+            }
+            AlgorithmParameters::OctetKey(_) => None,
+        }
+    }
+}
+
+/// One usable signing key of a set.
+struct SetKey {
+    kid: Option<String>,
+    kind: KeyKind,
+    /// The JWK's own `alg`, when it states one.
+    algorithm: Option<Algorithm>,
+    key: DecodingKey,
+}
+
+impl SetKey {
+    fn suits(&self, algorithm: Algorithm) -> bool {
+        KeyKind::of_algorithm(algorithm) == Some(self.kind) && self.algorithm.is_none_or(|own| own == algorithm)
+    }
+}
+
+/// The usable signing keys of one fetched set; immutable once built.
+pub struct KeySet {
+    keys: Vec<SetKey>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<_> = self.keys.iter().map(|key| (&key.kid, key.kind)).collect();
+        f.debug_struct("KeySet").field("keys", &kids).finish()
+    }
+}
+
+/// Which key checks a token, as far as the set can tell.
+pub enum KeyChoice<'a> {
+    Found(&'a DecodingKey),
+    /// The token names a `kid` the set does not hold: a refetch may find it.
+    UnknownKid,
+    /// No key of the set may check this token.
+    NoSuitableKey,
+}
+
+impl KeySet {
+    /// Parses a fetched set. `Err` says why the body is not a key set; keys
+    /// the gateway cannot or must not use (symmetric, encryption-only, of an
+    /// unknown type or curve, malformed) are left out, not an error.
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        if body.len() > MAX_SET_BYTES {
+            return Err(format!("{} bytes, over the {MAX_SET_BYTES}-byte limit", body.len()));
+        }
+        let document: Value = serde_json::from_slice(body).map_err(|err| format!("not JSON: {err}"))?;
+        let entries = document
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or_else(|| "not a JSON Web Key Set (no \"keys\" array)".to_owned())?;
+        let keys = entries
+            .iter()
+            .filter_map(|entry| serde_json::from_value::<Jwk>(entry.clone()).ok())
+            .filter_map(|jwk| {
+                let signing = match &jwk.common.public_key_use {
+                    None | Some(PublicKeyUse::Signature) => true,
+                    Some(_) => false,
+                };
+                let kind = KeyKind::of_jwk(&jwk).filter(|_| signing)?;
+                let algorithm = match jwk.common.key_algorithm {
+                    None => None,
+                    // A stated algorithm the gateway cannot verify with (an
+                    // encryption one, say) makes the key unusable.
+                    Some(stated) => Some(signing_algorithm(stated)?),
+                };
+                let key = DecodingKey::from_jwk(&jwk).ok()?;
+                Some(SetKey {
+                    kid: jwk.common.key_id.clone(),
+                    kind,
+                    algorithm,
+                    key,
+                })
+            })
+            .collect();
+        Ok(Self { keys })
+    }
+
+    /// Usable signing keys in the set.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The kids of the set's keys, to tell which ones left the set.
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().filter_map(|key| key.kid.as_deref())
+    }
+
+    /// The key for a token with this header (whose `alg` the verifier has
+    /// accepted): by `kid` when it has one, else the set's only key of the
+    /// token's kind, if it has exactly one.
+    pub fn choose(&self, header: &Header) -> KeyChoice<'_> {
+        match &header.kid {
+            Some(kid) => {
+                let mut named = self.keys.iter().filter(|key| key.kid.as_deref() == Some(kid.as_str()));
+                let Some(first) = named.next() else {
+                    return KeyChoice::UnknownKid;
+                };
+                std::iter::once(first)
+                    .chain(named)
+                    .find(|key| key.suits(header.alg))
+                    .map_or(KeyChoice::NoSuitableKey, |key| KeyChoice::Found(&key.key))
+            }
+            None => {
+                let mut suitable = self.keys.iter().filter(|key| key.suits(header.alg));
+                match (suitable.next(), suitable.next()) {
+                    (Some(only), None) => KeyChoice::Found(&only.key),
+                    _ => KeyChoice::NoSuitableKey,
+                }
+            }
+        }
+    }
+}
+
+/// The signing algorithm a JWK's `alg` names, if it is one.
+fn signing_algorithm(stated: KeyAlgorithm) -> Option<Algorithm> {
+    Some(match stated {
+        KeyAlgorithm::RS256 => Algorithm::RS256,
+        KeyAlgorithm::RS384 => Algorithm::RS384,
+        KeyAlgorithm::RS512 => Algorithm::RS512,
+        KeyAlgorithm::PS256 => Algorithm::PS256,
+        KeyAlgorithm::PS384 => Algorithm::PS384,
+        KeyAlgorithm::PS512 => Algorithm::PS512,
+        KeyAlgorithm::ES256 => Algorithm::ES256,
+        KeyAlgorithm::ES384 => Algorithm::ES384,
+        KeyAlgorithm::EdDSA => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    use jsonwebtoken::{EncodingKey, Validation};
+    use serde_json::json;
+
+    /// The RSA public key of RFC 7517, appendix A.1.
+    const RFC_RSA_N: &str = "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw";
+
+    fn rsa(kid: &str, extra: Value) -> Value {
+        let mut jwk = json!({ "kty": "RSA", "kid": kid, "n": RFC_RSA_N, "e": "AQAB" });
+        jwk.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        jwk
+    }
+
+    /// A fresh key pair of `algorithm`'s kind, as its JWK and a signing key.
+    fn generated(kid: &str, algorithm: &'static rcgen::SignatureAlgorithm) -> (Value, EncodingKey) {
+        let pair = rcgen::KeyPair::generate_for(algorithm).unwrap();
+        let raw = pair.public_key_raw();
+        let pem = pair.serialize_pem();
+        if algorithm == &rcgen::PKCS_ED25519 {
+            let jwk = json!({ "kty": "OKP", "crv": "Ed25519", "kid": kid, "x": URL_SAFE_NO_PAD.encode(raw) });
+            (jwk, EncodingKey::from_ed_pem(pem.as_bytes()).unwrap())
+        } else {
+            // An uncompressed point: 0x04, then x and y.
+            let half = (raw.len() - 1) / 2;
+            let curve = if half == 32 { "P-256" } else { "P-384" };
+            let jwk = json!({
+                "kty": "EC", "crv": curve, "kid": kid,
+                "x": URL_SAFE_NO_PAD.encode(&raw[1..1 + half]),
+                "y": URL_SAFE_NO_PAD.encode(&raw[1 + half..]),
+            });
+            (jwk, EncodingKey::from_ec_pem(pem.as_bytes()).unwrap())
+        }
+    }
+
+    fn set(keys: Vec<Value>) -> KeySet {
+        KeySet::parse(json!({ "keys": keys }).to_string().as_bytes()).unwrap()
+    }
+
+    fn header(alg: Algorithm, kid: Option<&str>) -> Header {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        header
+    }
+
+    fn chosen(set: &KeySet, alg: Algorithm, kid: Option<&str>) -> &'static str {
+        match set.choose(&header(alg, kid)) {
+            KeyChoice::Found(_) => "found",
+            KeyChoice::UnknownKid => "unknown kid",
+            KeyChoice::NoSuitableKey => "no suitable key",
+        }
+    }
+
+    #[test]
+    fn symmetric_encryption_and_unknown_keys_are_left_out_of_a_set() {
+        let keys = set(vec![
+            rsa("sig", json!({})),
+            rsa("sig-stated", json!({ "use": "sig", "alg": "RS256" })),
+            rsa("enc", json!({ "use": "enc" })),
+            rsa("oaep", json!({ "alg": "RSA-OAEP" })),
+            json!({ "kty": "oct", "kid": "secret", "k": "c2VjcmV0" }),
+            json!({ "kty": "EC", "crv": "P-521", "kid": "p521", "x": "AA", "y": "AA" }),
+            json!({ "kty": "weird", "kid": "weird" }),
+            json!("not even an object"),
+        ]);
+        assert_eq!(keys.kids().collect::<Vec<_>>(), ["sig", "sig-stated"]);
+        assert_eq!(keys.len(), 2);
+    }
+
+    #[test]
+    fn what_is_not_a_key_set_is_refused() {
+        assert!(KeySet::parse(b"<html>").is_err());
+        assert!(KeySet::parse(b"{\"keys\": 5}").is_err());
+        assert!(KeySet::parse(b"[]").is_err());
+        assert!(KeySet::parse(&vec![b' '; MAX_SET_BYTES + 1]).is_err());
+        assert!(KeySet::parse(b"{\"keys\": []}").is_ok_and(|keys| keys.is_empty()));
+    }
+
+    #[test]
+    fn a_kid_picks_a_key_only_of_the_token_s_family_curve_and_stated_algorithm() {
+        let (p256, _) = generated("ec", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let (p384, _) = generated("ec384", &rcgen::PKCS_ECDSA_P384_SHA384);
+        let (ed, _) = generated("ed", &rcgen::PKCS_ED25519);
+        let keys = set(vec![
+            rsa("rsa", json!({})),
+            rsa("rs256-only", json!({ "alg": "RS256" })),
+            p256,
+            p384,
+            ed,
+        ]);
+        assert_eq!(chosen(&keys, Algorithm::RS256, Some("rsa")), "found");
+        assert_eq!(chosen(&keys, Algorithm::PS512, Some("rsa")), "found");
+        assert_eq!(chosen(&keys, Algorithm::RS256, Some("rs256-only")), "found");
+        assert_eq!(chosen(&keys, Algorithm::PS256, Some("rs256-only")), "no suitable key");
+        assert_eq!(chosen(&keys, Algorithm::ES256, Some("ec")), "found");
+        assert_eq!(
+            chosen(&keys, Algorithm::ES384, Some("ec")),
+            "no suitable key",
+            "wrong curve"
+        );
+        assert_eq!(chosen(&keys, Algorithm::ES384, Some("ec384")), "found");
+        assert_eq!(
+            chosen(&keys, Algorithm::RS256, Some("ec")),
+            "no suitable key",
+            "wrong family"
+        );
+        assert_eq!(chosen(&keys, Algorithm::EdDSA, Some("ed")), "found");
+        assert_eq!(chosen(&keys, Algorithm::HS256, Some("rsa")), "no suitable key");
+        assert_eq!(chosen(&keys, Algorithm::RS256, Some("gone")), "unknown kid");
+    }
+
+    #[test]
+    fn without_a_kid_only_a_set_with_exactly_one_key_of_the_kind_answers() {
+        let (p256, _) = generated("ec", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let one_of_each = set(vec![rsa("rsa", json!({})), p256]);
+        assert_eq!(chosen(&one_of_each, Algorithm::RS256, None), "found");
+        assert_eq!(chosen(&one_of_each, Algorithm::ES256, None), "found");
+        assert_eq!(chosen(&one_of_each, Algorithm::EdDSA, None), "no suitable key");
+        let two_rsa = set(vec![rsa("a", json!({})), rsa("b", json!({}))]);
+        assert_eq!(chosen(&two_rsa, Algorithm::RS256, None), "no suitable key");
+    }
+
+    #[test]
+    fn the_chosen_key_verifies_what_its_private_half_signed() {
+        for (algorithm, kind) in [
+            (Algorithm::ES256, &rcgen::PKCS_ECDSA_P256_SHA256),
+            (Algorithm::ES384, &rcgen::PKCS_ECDSA_P384_SHA384),
+            (Algorithm::EdDSA, &rcgen::PKCS_ED25519),
+        ] {
+            let (jwk, signing) = generated("k1", kind);
+            let (other, _) = generated("k2", kind);
+            let keys = set(vec![jwk, other]);
+            let token = jsonwebtoken::encode(
+                &header(algorithm, Some("k1")),
+                &json!({ "sub": "ada", "exp": jsonwebtoken::get_current_timestamp() + 60 }),
+                &signing,
+            )
+            .unwrap();
+            let KeyChoice::Found(key) = keys.choose(&jsonwebtoken::decode_header(&token).unwrap()) else {
+                panic!("{algorithm:?}: no key chosen");
+            };
+            let verified = jsonwebtoken::decode::<Value>(&token, key, &Validation::new(algorithm));
+            assert!(verified.is_ok(), "{algorithm:?}: {verified:?}");
+            let KeyChoice::Found(wrong) = keys.choose(&header(algorithm, Some("k2"))) else {
+                panic!("{algorithm:?}: k2 not chosen");
+            };
+            assert!(jsonwebtoken::decode::<Value>(&token, wrong, &Validation::new(algorithm)).is_err());
+        }
+    }
+}
