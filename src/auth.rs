@@ -3,17 +3,20 @@
 //! The token's `alg` header only ever *selects among* the algorithms listed in
 //! `auth.algorithms`; the key is then chosen by that algorithm's family, so an
 //! HS token is never checked against a public key nor the reverse (the classic
-//! key-confusion attack), and `alg: none` cannot even be expressed. `kid`,
-//! `jku`, `x5u` and embedded `jwk` headers are ignored: no key is ever fetched
-//! or chosen by the token.
+//! key-confusion attack), and `alg: none` cannot even be expressed. `jku`,
+//! `x5u`, `x5c` and embedded `jwk` headers are ignored: no key is ever fetched
+//! from where a token says. With `auth.jwks_url`, a token's `kid` picks a key
+//! of the provider's set ([`crate::jwks`]), which must suit its `alg`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
 
+use crate::jwks::{JwksKeys, KeyChoice};
 use crate::settings::{is_hmac, AuthSettings};
 
 /// The authenticated caller, sent upstream as `X-User-Id` / `X-User-Roles`.
@@ -42,6 +45,14 @@ pub enum TokenError {
     /// A control character could not travel in an `X-User-*` header.
     #[error("claim `{0}` holds a control character")]
     ControlCharacter(&'static str),
+    /// The token needs a key of the provider's set, and none is loaded yet.
+    #[error("no key set loaded from auth.jwks_url yet")]
+    KeysUnavailable,
+    /// The token's `kid` is not in the set (a refetch may bring it).
+    #[error("no key {0:?} in the key set")]
+    UnknownKid(String),
+    #[error("no key of the key set suits this token")]
+    NoSuitableKey,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,8 +75,12 @@ pub enum KeyError {
 
 /// Checks tokens against the configured keys; cheap to share.
 pub struct Verifier {
-    /// Per accepted algorithm: its key and its validation rules.
-    accepted: HashMap<Algorithm, (DecodingKey, Validation)>,
+    /// Per accepted algorithm: its configured key (the secret, or the
+    /// `public_key_pem` key; `None` when only the provider's set has keys
+    /// for it) and its validation rules.
+    accepted: HashMap<Algorithm, (Option<DecodingKey>, Validation)>,
+    /// The provider's key set, with `auth.jwks_url`.
+    jwks: Option<Arc<JwksKeys>>,
     roles_claim: String,
 }
 
@@ -102,12 +117,17 @@ impl Verifier {
             families.dedup();
             families
         };
-        if public_families.len() > 1 {
+        // A key set holds keys of any family; one key file, one family.
+        let jwks = (!settings.jwks_url.is_empty()).then(|| Arc::new(JwksKeys::new(settings)));
+        let reads_key_file = jwks.is_none() || !settings.public_key_pem.is_empty();
+        if public_families.len() > 1 && reads_key_file {
             return Err(KeyError::MixedFamilies(public_families.join(" and ")));
         }
         let public_key = match public_families.first() {
-            None => None,
-            Some(family) => Some(read_public_key(&settings.public_key_pem, family, &settings.algorithms)?),
+            Some(family) if reads_key_file => {
+                Some(read_public_key(&settings.public_key_pem, family, &settings.algorithms)?)
+            }
+            _ => None,
         };
 
         if let Some(problem) = settings.missing_secret() {
@@ -116,18 +136,22 @@ impl Verifier {
         let mut accepted = HashMap::new();
         for &algorithm in &settings.algorithms {
             let key = if is_hmac(algorithm) {
-                DecodingKey::from_secret(settings.jwt_secret.expose().as_bytes())
+                Some(DecodingKey::from_secret(settings.jwt_secret.expose().as_bytes()))
             } else {
-                public_key
-                    .clone()
-                    .expect("a public key is loaded for every public algorithm")
+                public_key.clone()
             };
             accepted.insert(algorithm, (key, validation_for(algorithm, settings)));
         }
         Ok(Self {
             accepted,
+            jwks,
             roles_claim: settings.roles_claim.clone(),
         })
+    }
+
+    /// The provider's key set, when `auth.jwks_url` is set.
+    pub fn jwks(&self) -> Option<&Arc<JwksKeys>> {
+        self.jwks.as_ref()
     }
 
     /// Verifies signature, algorithm, `exp` (required), `nbf`, `iss`, `aud`,
@@ -140,15 +164,39 @@ impl Verifier {
     /// accepted (when `exp`, and `nbf` if present, are integers). The other
     /// checks do not depend on the time.
     pub fn verify_window(&self, token: &str) -> Result<(Identity, Option<Window>), TokenError> {
-        let (key, validation) = if self.accepted.len() == 1 {
+        let set;
+        let (key, validation) = if self.accepted.len() == 1 && self.jwks.is_none() {
             // `decode` itself refuses any other `alg`: reading the header
             // here as well would parse it a third time per request.
-            self.accepted.values().next().expect("one entry")
+            let (key, validation) = self.accepted.values().next().expect("one entry");
+            (
+                key.as_ref().expect("without a key set every algorithm has its key"),
+                validation,
+            )
         } else {
             let header = jsonwebtoken::decode_header(token)?;
-            self.accepted
+            let (configured, validation) = self
+                .accepted
                 .get(&header.alg)
-                .ok_or(TokenError::AlgorithmNotAccepted(header.alg))?
+                .ok_or(TokenError::AlgorithmNotAccepted(header.alg))?;
+            // An HMAC secret whatever the `kid`; the key file for a token
+            // without one; else the provider's set.
+            let key = match (configured, &self.jwks) {
+                (Some(key), _) if is_hmac(header.alg) || header.kid.is_none() => key,
+                (_, Some(jwks)) => {
+                    set = jwks.current().ok_or(TokenError::KeysUnavailable)?;
+                    match set.choose(&header) {
+                        KeyChoice::Found(key) => key,
+                        KeyChoice::UnknownKid => {
+                            return Err(TokenError::UnknownKid(header.kid.clone().unwrap_or_default()))
+                        }
+                        KeyChoice::NoSuitableKey => return Err(TokenError::NoSuitableKey),
+                    }
+                }
+                (Some(key), None) => key,
+                (None, None) => return Err(TokenError::NoSuitableKey),
+            };
+            (key, validation)
         };
         let claims = jsonwebtoken::decode::<Map<String, Value>>(token, key, validation)?.claims;
         let subject = match claims.get("sub") {
@@ -214,6 +262,9 @@ impl Window {
 #[derive(Default)]
 pub struct TokenCache {
     verified: RefCell<HashMap<Box<str>, (Identity, Window)>>,
+    /// The key set's [`JwksKeys::removals`] when the cache was last
+    /// emptied: a key that left the set takes its tokens with it.
+    removals_seen: Cell<u64>,
 }
 
 impl TokenCache {
@@ -222,6 +273,13 @@ impl TokenCache {
 
     pub fn verify(&self, verifier: &Verifier, token: &str) -> Result<Identity, TokenError> {
         let now = jsonwebtoken::get_current_timestamp();
+        if let Some(jwks) = verifier.jwks() {
+            let removals = jwks.removals();
+            if removals != self.removals_seen.get() {
+                self.verified.borrow_mut().clear();
+                self.removals_seen.set(removals);
+            }
+        }
         if let Some((identity, window)) = self.verified.borrow().get(token) {
             if window.contains(now) {
                 return Ok(identity.clone());

@@ -26,9 +26,24 @@ pub async fn health(method: &Method, ctx: &Snapshot) -> Result<HttpResponse, Gat
         .send(GetHealthReport)
         .await
         .map_err(|err| GatewayError::Internal(format!("registry unavailable: {err}")))?;
+    let internal = |err: serde_json::Error| GatewayError::Internal(err.to_string());
+    let body = match ctx.verifier.as_ref().and_then(|verifier| verifier.jwks()) {
+        None => serde_json::to_string(&report).map_err(internal)?,
+        // SPEC §11: the provider's key set, with `auth.jwks_url`.
+        Some(keys) => {
+            let mut report = serde_json::to_value(&report).map_err(internal)?;
+            if let Some(fields) = report.as_object_mut() {
+                fields.insert(
+                    "auth".to_owned(),
+                    serde_json::to_value(keys.health()).map_err(internal)?,
+                );
+            }
+            serde_json::to_string(&report).map_err(internal)?
+        }
+    };
     Ok(HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/json")))
-        .body(serde_json::to_string(&report).map_err(|err| GatewayError::Internal(err.to_string()))?))
+        .body(body))
 }
 
 /// `GET /metrics`: Prometheus text exposition.

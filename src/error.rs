@@ -29,6 +29,8 @@ pub enum GatewayError {
     InvalidToken(String),
     #[error("token lacks every required role")]
     InsufficientPermissions,
+    #[error("no key set from the identity provider yet")]
+    AuthenticationUnavailable,
     #[error("rate limited by policy {policy}")]
     RateLimited {
         policy: String,
@@ -68,6 +70,7 @@ impl GatewayError {
             Self::TokenRequired => "Access token required",
             Self::InvalidToken(_) => "Invalid token",
             Self::InsufficientPermissions => "Insufficient permissions",
+            Self::AuthenticationUnavailable => "Authentication unavailable",
             Self::RateLimited { message, .. } => message,
             Self::RateLimitBackendUnavailable => "Rate limit backend unavailable",
             Self::ServiceUnavailable { .. } => "Service unavailable",
@@ -99,7 +102,9 @@ impl ResponseError for GatewayError {
             Self::TokenRequired => StatusCode::UNAUTHORIZED,
             Self::InvalidToken(_) | Self::InsufficientPermissions => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::RateLimitBackendUnavailable | Self::ServiceUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimitBackendUnavailable | Self::ServiceUnavailable { .. } | Self::AuthenticationUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -9,9 +9,16 @@
 //! algorithm cannot be turned to another (an ES256 key for an RS256 token, a
 //! modulus as an HMAC secret).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use actix::{Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Header};
 use serde_json::Value;
+
+use crate::settings::AuthSettings;
 
 /// The largest key set read; a larger answer is not a key set.
 pub const MAX_SET_BYTES: usize = 1024 * 1024;
@@ -189,6 +196,297 @@ fn signing_algorithm(stated: KeyAlgorithm) -> Option<Algorithm> {
         KeyAlgorithm::EdDSA => Algorithm::EdDSA,
         _ => return None,
     })
+}
+
+/// How long a request waits for a refetch its unknown `kid` asked for.
+const REFETCH_WAIT: Duration = Duration::from_secs(2);
+/// A fetch gives up after this long.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The key set in force and what `/health` says of it, shared by the
+/// verifier (every worker) and the [`JwksFetcher`] that replaces it.
+pub struct JwksKeys {
+    url: String,
+    refresh: Duration,
+    min_refetch: Duration,
+    set: RwLock<Option<Arc<KeySet>>>,
+    /// Bumped when a kid leaves the set: token caches then forget what
+    /// they verified.
+    removals: AtomicU64,
+    status: Mutex<FetchStatus>,
+    /// The number of fetches finished; waiters for a refetch watch it.
+    finished: tokio::sync::watch::Sender<u64>,
+    schedule: Mutex<Schedule>,
+    fetcher: Mutex<Option<Addr<JwksFetcher>>>,
+}
+
+#[derive(Default)]
+struct FetchStatus {
+    last_success: Option<SystemTime>,
+    latest_failed: bool,
+}
+
+#[derive(Default)]
+struct Schedule {
+    last_started: Option<Instant>,
+    in_flight: bool,
+}
+
+/// The `/health` view of the key set (SPEC §11).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JwksHealth {
+    /// `ok`, `stale` (the latest fetch failed; the last good set is in
+    /// use) or `unavailable` (no set yet).
+    pub jwks: &'static str,
+    pub keys: usize,
+    pub last_fetch: Option<String>,
+}
+
+impl std::fmt::Debug for JwksKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwksKeys").field("url", &self.url).finish()
+    }
+}
+
+impl JwksKeys {
+    pub fn new(settings: &AuthSettings) -> Self {
+        Self {
+            url: settings.jwks_url.clone(),
+            refresh: Duration::from_secs(settings.jwks_refresh_s),
+            min_refetch: Duration::from_secs(settings.jwks_min_refetch_s),
+            set: RwLock::new(None),
+            removals: AtomicU64::new(0),
+            status: Mutex::new(FetchStatus::default()),
+            finished: tokio::sync::watch::channel(0).0,
+            schedule: Mutex::new(Schedule::default()),
+            fetcher: Mutex::new(None),
+        }
+    }
+
+    /// The set in force; `None` until a first fetch succeeds.
+    pub fn current(&self) -> Option<Arc<KeySet>> {
+        self.set.read().expect("not poisoned").clone()
+    }
+
+    /// Changes whenever a key leaves the set.
+    pub fn removals(&self) -> u64 {
+        self.removals.load(Ordering::Relaxed)
+    }
+
+    pub fn health(&self) -> JwksHealth {
+        let status = self.status.lock().expect("not poisoned");
+        let keys = self.current().map_or(0, |set| set.len());
+        let jwks = match (self.current().is_some(), status.latest_failed) {
+            (false, _) => "unavailable",
+            (true, true) => "stale",
+            (true, false) => "ok",
+        };
+        JwksHealth {
+            jwks,
+            keys,
+            last_fetch: status
+                .last_success
+                .map(|at| humantime::format_rfc3339_seconds(at).to_string()),
+        }
+    }
+
+    /// Claims the next fetch if none runs and the last one started at least
+    /// `jwks_min_refetch_s` ago (every fetch counts: start-up, periodic,
+    /// refetch).
+    fn claim_fetch(&self) -> bool {
+        let mut schedule = self.schedule.lock().expect("not poisoned");
+        let due = schedule
+            .last_started
+            .is_none_or(|started| started.elapsed() >= self.min_refetch);
+        if schedule.in_flight || !due {
+            return false;
+        }
+        schedule.in_flight = true;
+        schedule.last_started = Some(Instant::now());
+        true
+    }
+
+    /// For a token whose `kid` the set lacks: asks the fetcher for the set
+    /// again, unless a fetch ran within `jwks_min_refetch_s`, and waits for
+    /// the fetch under way, if any, [`REFETCH_WAIT`] at most. Every request
+    /// that asks while one fetch runs waits on that one fetch.
+    pub async fn refetch(&self) {
+        let mut finished = self.finished.subscribe();
+        let in_flight = self.schedule.lock().expect("not poisoned").in_flight;
+        if !in_flight {
+            if !self.claim_fetch() {
+                return;
+            }
+            let fetcher = self.fetcher.lock().expect("not poisoned").clone();
+            match fetcher {
+                Some(fetcher) => fetcher.do_send(Fetch { claimed: true }),
+                None => {
+                    self.schedule.lock().expect("not poisoned").in_flight = false;
+                    return;
+                }
+            }
+        }
+        let _ = actix_rt::time::timeout(REFETCH_WAIT, finished.changed()).await;
+    }
+
+    /// Puts a fetched set in force (or records the failure) and wakes the
+    /// requests waiting for it.
+    fn fetched(&self, outcome: Result<KeySet, String>) {
+        match outcome {
+            Ok(set) => {
+                let set = Arc::new(set);
+                let previous = self.set.write().expect("not poisoned").replace(set.clone());
+                let lost_a_key = previous.is_some_and(|previous| {
+                    previous.kids().any(|kid| !set.kids().any(|kept| kept == kid)) || previous.len() > set.len()
+                });
+                if lost_a_key {
+                    self.removals.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut status = self.status.lock().expect("not poisoned");
+                status.last_success = Some(SystemTime::now());
+                status.latest_failed = false;
+                tracing::debug!(url = %self.url, keys = set.len(), "JWKS fetched");
+                crate::metrics::jwks_fetch("success");
+            }
+            Err(reason) => {
+                self.status.lock().expect("not poisoned").latest_failed = true;
+                tracing::warn!(url = %self.url, %reason, "JWKS fetch failed; keeping the last good key set");
+                crate::metrics::jwks_fetch("failure");
+            }
+        }
+        self.schedule.lock().expect("not poisoned").in_flight = false;
+        self.finished.send_modify(|count| *count += 1);
+    }
+}
+
+/// Fetches its [`JwksKeys`]' set at start, then every `jwks_refresh_s` (or
+/// the answer's shorter `Cache-Control: max-age`, never below
+/// `jwks_min_refetch_s`), and on request for an unknown `kid`. It stops once
+/// nothing else holds the keys (a reload that changed `auth` replaced them).
+pub struct JwksFetcher {
+    keys: Arc<JwksKeys>,
+    client: awc::Client,
+    next: Option<actix::SpawnHandle>,
+}
+
+/// Fetch now; `claimed`: [`JwksKeys::claim_fetch`] already passed.
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+struct Fetch {
+    claimed: bool,
+}
+
+impl JwksFetcher {
+    /// Starts the fetcher of `keys` on the current arbiter, unless it runs
+    /// already (a reload kept the verifier).
+    pub fn start_for(keys: &Arc<JwksKeys>, tls: Arc<rustls::ClientConfig>) {
+        let mut fetcher = keys.fetcher.lock().expect("not poisoned");
+        if fetcher.is_some() {
+            return;
+        }
+        let client = awc::Client::builder()
+            .connector(awc::Connector::new().timeout(FETCH_TIMEOUT).rustls_0_23(tls))
+            .timeout(FETCH_TIMEOUT)
+            .disable_redirects()
+            .finish();
+        *fetcher = Some(
+            Self {
+                keys: keys.clone(),
+                client,
+                next: None,
+            }
+            .start(),
+        );
+    }
+
+    fn schedule(&mut self, ctx: &mut Context<Self>, after: Duration) {
+        if let Some(next) = self.next.take() {
+            ctx.cancel_future(next);
+        }
+        self.next = Some(ctx.run_later(after, |fetcher, ctx| {
+            if Arc::strong_count(&fetcher.keys) == 1 {
+                ctx.stop();
+                return;
+            }
+            if fetcher.keys.claim_fetch() {
+                ctx.notify(Fetch { claimed: true });
+            } else {
+                // A refetch ran moments ago; try again when allowed.
+                let wait = fetcher.keys.min_refetch.max(Duration::from_secs(1));
+                fetcher.schedule(ctx, wait);
+            }
+        }));
+    }
+}
+
+impl Actor for JwksFetcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.notify(Fetch { claimed: false });
+    }
+}
+
+impl Handler<Fetch> for JwksFetcher {
+    type Result = actix::ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, message: Fetch, _: &mut Self::Context) -> Self::Result {
+        if !message.claimed && !self.keys.claim_fetch() {
+            return Box::pin(actix::fut::ready(()));
+        }
+        let request = self
+            .client
+            .get(self.keys.url.as_str())
+            .insert_header(("accept", "application/json"));
+        let fetch = async move {
+            let mut response = request.send().await.map_err(|err| format!("cannot fetch: {err}"))?;
+            if response.status() != awc::http::StatusCode::OK {
+                return Err(format!("answered {}", response.status()));
+            }
+            let max_age = max_age(response.headers());
+            let body = response
+                .body()
+                .limit(MAX_SET_BYTES)
+                .await
+                .map_err(|err| format!("unreadable body: {err}"))?;
+            Ok((KeySet::parse(&body)?, max_age))
+        };
+        Box::pin(actix::fut::wrap_future(fetch).map(
+            |outcome: Result<(KeySet, Option<Duration>), String>, fetcher: &mut Self, ctx| {
+                let keys = &fetcher.keys;
+                let next = match &outcome {
+                    Ok((_, max_age)) => max_age
+                        .map_or(keys.refresh, |age| age.min(keys.refresh))
+                        .max(keys.min_refetch),
+                    // Try again as soon as allowed: the gateway may be waiting
+                    // for its first set.
+                    Err(_) => keys.min_refetch.max(Duration::from_secs(1)),
+                };
+                keys.fetched(outcome.map(|(set, _)| set));
+                fetcher.schedule(ctx, next);
+            },
+        ))
+    }
+}
+
+/// Starts fetching the provider's set of `verifier`, if it has one and its
+/// fetcher does not run yet; fetched with the TLS rules of `https://`
+/// instances (`upstream.ca_file` included).
+pub fn fetch_for(verifier: Option<&Arc<crate::auth::Verifier>>, gateway: &crate::gateway::Gateway) {
+    if let Some(keys) = verifier.and_then(|verifier| verifier.jwks()) {
+        JwksFetcher::start_for(keys, gateway.upstream_tls.clone());
+    }
+}
+
+/// `Cache-Control: max-age=N`, if the answer has one.
+fn max_age(headers: &awc::http::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get_all(awc::http::header::CACHE_CONTROL)
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|directive| directive.trim().strip_prefix("max-age="))
+        .find_map(|seconds| seconds.trim().parse().ok())
+        .map(Duration::from_secs)
 }
 
 #[cfg(test)]

@@ -161,6 +161,11 @@ pub fn tunnel_closed(route: &str, how: &'static str) {
     metrics::counter!("gatehouse_websocket_tunnels_total", "route" => route.to_owned(), "ended" => how).increment(1);
 }
 
+/// One fetch of the identity provider's key set, `success` or `failure`.
+pub fn jwks_fetch(result: &'static str) {
+    metrics::counter!("gatehouse_jwks_fetches_total", "result" => result).increment(1);
+}
+
 pub fn config_generation(generation: u64) {
     metrics::gauge!("gatehouse_config_generation").set(generation as f64);
 }

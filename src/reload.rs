@@ -123,6 +123,8 @@ impl Reloader {
             }
         }
         self.verifier = runtime.verifier.clone().map(|verifier| (verifier, key_file));
+        // A kept verifier's fetcher runs on; a new one's starts.
+        crate::jwks::fetch_for(runtime.verifier.as_ref(), &runtime.gateway);
         let reconfigure = Reconfigure {
             runtime,
             health: settings.health.clone(),

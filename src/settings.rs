@@ -178,6 +178,13 @@ pub struct AuthSettings {
     pub audience: String,
     pub leeway_s: u64,
     pub roles_claim: String,
+    /// An identity provider's JSON Web Key Set (SPEC §11); `""` for none.
+    pub jwks_url: String,
+    /// How often the set is fetched again.
+    pub jwks_refresh_s: u64,
+    /// Fetches (an unknown `kid`'s refetch included) are at least this far
+    /// apart.
+    pub jwks_min_refetch_s: u64,
 }
 
 impl AuthSettings {
@@ -204,6 +211,9 @@ impl Default for AuthSettings {
             audience: String::new(),
             leeway_s: 30,
             roles_claim: "role".to_owned(),
+            jwks_url: String::new(),
+            jwks_refresh_s: 300,
+            jwks_min_refetch_s: 30,
         }
     }
 }
@@ -823,15 +833,33 @@ impl Settings {
         if !auth.jwt_secret.is_empty() && auth.jwt_secret.expose().len() < MIN_HS_SECRET_BYTES {
             problems.push(format!("auth.jwt_secret: must be at least {MIN_HS_SECRET_BYTES} bytes"));
         }
+        if !auth.jwks_url.is_empty() {
+            match url::Url::parse(&auth.jwks_url) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => problems.push(format!(
+                    "auth.jwks_url: {:?} is not an http:// or https:// URL",
+                    auth.jwks_url
+                )),
+            }
+        }
+        if auth.jwks_refresh_s == 0 {
+            problems.push("auth.jwks_refresh_s: must be at least 1".to_owned());
+        }
+        if auth.jwks_min_refetch_s > auth.jwks_refresh_s {
+            problems.push(format!(
+                "auth.jwks_min_refetch_s: {} is longer than auth.jwks_refresh_s ({})",
+                auth.jwks_min_refetch_s, auth.jwks_refresh_s
+            ));
+        }
         let needs_auth = self.routes.values().any(RouteSettings::needs_auth);
         if !needs_auth {
             return problems;
         }
         problems.extend(auth.missing_secret());
         let has_public = auth.algorithms.iter().any(|alg| !is_hmac(*alg));
-        if has_public && auth.public_key_pem.is_empty() {
+        if has_public && auth.public_key_pem.is_empty() && auth.jwks_url.is_empty() {
             problems.push(format!(
-                "auth.public_key_pem: routes need auth with {} but no public key file is set",
+                "auth.public_key_pem: routes need auth with {} but no public key file or auth.jwks_url is set",
                 algorithm_names(auth.algorithms.iter().filter(|alg| !is_hmac(**alg)))
             ));
         }

@@ -67,6 +67,7 @@ impl Application {
             .map(|key| Arc::new(CertificateResolver::new(key)));
         crate::metrics::install();
         crate::metrics::spawn_upkeep();
+        crate::jwks::fetch_for(runtime.verifier.as_ref(), &runtime.gateway);
         let (registry, deployment) = RegistryActor::start(
             runtime,
             settings.health.clone(),

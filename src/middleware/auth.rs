@@ -20,8 +20,13 @@ use actix_web::{Error, HttpMessage};
 use actix_web_httpauth::headers::authorization::Bearer;
 use futures_util::future::Either;
 
-use crate::auth::Identity;
+use std::sync::Arc;
+
+use futures_util::future::LocalBoxFuture;
+
+use crate::auth::{Identity, TokenCache, TokenError, Verifier};
 use crate::error::GatewayError;
+use crate::jwks::JwksKeys;
 use crate::middleware::route_match::Routed;
 use crate::middleware::{passthrough, Passthrough};
 
@@ -35,9 +40,89 @@ pub fn bearer_token(value: &HeaderValue) -> Option<Bearer> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Bearer::new(token.to_owned()))
 }
 
+/// What the token check says.
+enum Checked {
+    Done(Result<Option<Identity>, GatewayError>),
+    /// The token names a `kid` the provider's set lacks: check it again once
+    /// the set is fetched again (SPEC §11).
+    AfterRefetch(Box<Retry>),
+}
+
+struct Retry {
+    keys: Arc<JwksKeys>,
+    verifier: Arc<Verifier>,
+    tokens: Rc<TokenCache>,
+    token: String,
+    roles: Vec<String>,
+}
+
+impl Retry {
+    async fn check(self) -> Result<Option<Identity>, GatewayError> {
+        self.keys.refetch().await;
+        let identity = self.tokens.verify(&self.verifier, &self.token).map_err(refusal)?;
+        if !identity.has_any_role(&self.roles) {
+            return Err(GatewayError::InsufficientPermissions);
+        }
+        Ok(Some(identity))
+    }
+}
+
+/// A refused token as the client's error: 503 while the provider's keys
+/// have never loaded, else 403.
+fn refusal(error: TokenError) -> GatewayError {
+    match error {
+        TokenError::KeysUnavailable => GatewayError::AuthenticationUnavailable,
+        other => GatewayError::InvalidToken(other.to_string()),
+    }
+}
+
+fn check(req: &ServiceRequest) -> Checked {
+    let extensions = req.extensions();
+    let retry = extensions.get::<Routed>().and_then(|routed| {
+        let route = routed.route().filter(|route| route.auth)?;
+        let verifier = routed.snapshot.verifier.clone()?;
+        let keys = verifier.jwks()?.clone();
+        let token = req.headers().get(header::AUTHORIZATION).and_then(bearer_token)?;
+        Some((
+            route.roles.clone(),
+            verifier,
+            keys,
+            routed.snapshot.tokens.clone(),
+            token,
+        ))
+    });
+    match authenticate(req) {
+        Ok(identity) => Checked::Done(Ok(identity)),
+        Err(Refused::Gateway(error)) => Checked::Done(Err(error)),
+        Err(Refused::UnknownKid(reason)) => match retry {
+            Some((roles, verifier, keys, tokens, token)) => Checked::AfterRefetch(Box::new(Retry {
+                keys,
+                verifier,
+                tokens,
+                token: token.token().to_string(),
+                roles,
+            })),
+            None => Checked::Done(Err(GatewayError::InvalidToken(reason))),
+        },
+    }
+}
+
+/// Why [`authenticate`] refused.
+enum Refused {
+    Gateway(GatewayError),
+    /// The token's `kid` is not in the provider's set.
+    UnknownKid(String),
+}
+
+impl From<GatewayError> for Refused {
+    fn from(error: GatewayError) -> Self {
+        Self::Gateway(error)
+    }
+}
+
 /// Checks the token of a request routed to a route that needs auth, with
 /// the verifier and token cache of the configuration the request uses.
-fn authenticate(req: &ServiceRequest) -> Result<Option<Identity>, GatewayError> {
+fn authenticate(req: &ServiceRequest) -> Result<Option<Identity>, Refused> {
     let extensions = req.extensions();
     let Some(routed) = extensions.get::<Routed>() else {
         return Ok(None);
@@ -59,9 +144,12 @@ fn authenticate(req: &ServiceRequest) -> Result<Option<Identity>, GatewayError> 
         .snapshot
         .tokens
         .verify(verifier, token.token())
-        .map_err(|err| GatewayError::InvalidToken(err.to_string()))?;
+        .map_err(|error| match error {
+            TokenError::UnknownKid(_) => Refused::UnknownKid(error.to_string()),
+            other => Refused::Gateway(refusal(other)),
+        })?;
     if !identity.has_any_role(&route.roles) {
-        return Err(GatewayError::InsufficientPermissions);
+        return Err(GatewayError::InsufficientPermissions.into());
     }
     Ok(Some(identity))
 }
@@ -98,19 +186,42 @@ where
 {
     type Response = ServiceResponse<EitherBody<B>>;
     type Error = Error;
-    type Future = Either<Passthrough<S::Future, B>, Ready<Result<Self::Response, Self::Error>>>;
+    type Future = Either<
+        Passthrough<S::Future, B>,
+        Either<
+            Ready<Result<Self::Response, Self::Error>>,
+            LocalBoxFuture<'static, Result<Self::Response, Self::Error>>,
+        >,
+    >;
 
     actix_web::dev::forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
-        match authenticate(&req) {
-            Ok(identity) => {
+        match check(&req) {
+            Checked::Done(Ok(identity)) => {
                 if let Some(identity) = identity {
                     req.extensions_mut().insert(identity);
                 }
                 Either::Left(passthrough(self.service.call(req)))
             }
-            Err(error) => Either::Right(ready(Ok(req.error_response(error).map_into_right_body()))),
+            Checked::Done(Err(error)) => {
+                Either::Right(Either::Left(ready(Ok(req.error_response(error).map_into_right_body()))))
+            }
+            // Rare (a key the set lacks): the one path that waits, boxed.
+            Checked::AfterRefetch(retry) => {
+                let service = self.service.clone();
+                Either::Right(Either::Right(Box::pin(async move {
+                    match retry.check().await {
+                        Ok(identity) => {
+                            if let Some(identity) = identity {
+                                req.extensions_mut().insert(identity);
+                            }
+                            service.call(req).await.map(ServiceResponse::map_into_left_body)
+                        }
+                        Err(error) => Ok(req.error_response(error).map_into_right_body()),
+                    }
+                })))
+            }
         }
     }
 }

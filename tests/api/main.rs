@@ -8,6 +8,7 @@ mod forwarding;
 mod framing;
 mod hardening;
 mod helpers;
+mod jwks;
 mod metrics;
 mod process;
 mod rate_limits;
