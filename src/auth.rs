@@ -203,7 +203,7 @@ impl Verifier {
             Some(Value::String(sub)) if !sub.is_empty() => sub.clone(),
             _ => return Err(TokenError::MissingSubject),
         };
-        let roles: Vec<String> = match claims.get(&self.roles_claim) {
+        let roles: Vec<String> = match roles_claim(&claims, &self.roles_claim) {
             Some(Value::String(role)) => vec![role.clone()],
             Some(Value::Array(items)) => items
                 .iter()
@@ -231,6 +231,18 @@ impl Verifier {
         let window = from.zip(until).map(|(from, until)| Window { from, until });
         Ok((Identity { subject, roles }, window))
     }
+}
+
+/// The roles claim: `name` itself, or, when the token has no claim of that
+/// name and it contains dots, the claim the dotted path leads to
+/// (`realm_access.roles`, as Keycloak nests them). A namespaced claim
+/// (`https://example.com/roles`, as Auth0 names them) is found whole first.
+fn roles_claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    claims.get(name).or_else(|| {
+        let mut path = name.split('.');
+        let first = claims.get(path.next()?)?;
+        path.try_fold(first, |value, step| value.as_object()?.get(step))
+    })
 }
 
 /// The Unix seconds, both ends included, during which a token is accepted:

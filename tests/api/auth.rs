@@ -656,6 +656,53 @@ async fn roles_claim_names_the_claim_that_holds_the_roles() {
     check_cases(&gateway, &upstream, &cases).await;
 }
 
+#[actix_web::test]
+async fn a_dotted_roles_claim_reaches_into_nested_claims_after_a_claim_of_that_whole_name() {
+    let upstream = Upstream::start("api");
+    let keycloak = auth_gateway(
+        &upstream,
+        &format!("{}\nroles_claim = \"realm_access.roles\"", hs256_auth()),
+    );
+    let cases = [
+        case(
+            "admin in realm_access.roles, as Keycloak nests them",
+            "/api/admin",
+            bearer(&hs256(&with(
+                valid("alice"),
+                "realm_access",
+                json!({ "roles": ["admin"] }),
+            ))),
+            Proxied,
+        ),
+        case(
+            "realm_access without roles",
+            "/api/admin",
+            bearer(&hs256(&with(
+                valid("alice"),
+                "realm_access",
+                json!({ "groups": ["admin"] }),
+            ))),
+            InsufficientPermissions,
+        ),
+    ];
+    check_cases(&keycloak, &upstream, &cases).await;
+    let auth0 = auth_gateway(
+        &upstream,
+        &format!("{}\nroles_claim = \"https://app.example.com/roles\"", hs256_auth()),
+    );
+    let cases = [case(
+        "a namespaced claim whose name has dots, found whole",
+        "/api/admin",
+        bearer(&hs256(&with(
+            valid("alice"),
+            "https://app.example.com/roles",
+            json!(["admin"]),
+        ))),
+        Proxied,
+    )];
+    check_cases(&auth0, &upstream, &cases).await;
+}
+
 // ---------------------------------------------------------------------------
 /// The gateway remembers tokens it has verified, but a remembered token is
 /// refused from the second after its `exp` (plus `leeway_s`) exactly as a

@@ -242,11 +242,11 @@ async fn a_rotated_in_key_costs_one_fetch_and_a_flood_of_unknown_kids_at_most_on
     assert_eq!(status, 200, "{body}");
     assert_eq!(provider.fetches(), 2);
 
-    // 200 tokens naming kids nobody has, at once: refused, and the set is
+    // 1000 tokens naming kids nobody has, at once: refused, and the set is
     // fetched once at most per jwks_min_refetch_s.
     let started = std::time::Instant::now();
     let forger = Key::generated("forger", Algorithm::ES256);
-    let floods = (0..200).map(|n| {
+    let floods = (0..1000).map(|n| {
         let token = forger.token_as("mallory", Algorithm::ES256, Some(&format!("random-{n}")));
         let gateway = &gateway;
         async move { status_with(gateway, &token).await }
