@@ -418,3 +418,28 @@ async fn the_jwks_url_must_be_http_and_fetches_no_more_often_than_refreshes() {
         "check-config does not fetch"
     );
 }
+
+#[actix_web::test]
+async fn a_reload_that_changes_the_jwks_url_fetches_from_the_new_provider() {
+    let (first_key, second_key) = (
+        Key::generated("a", Algorithm::ES256),
+        Key::generated("b", Algorithm::ES256),
+    );
+    let first = Provider::serving(std::slice::from_ref(&first_key.jwk));
+    let second = Provider::serving(std::slice::from_ref(&second_key.jwk));
+    let upstream = Upstream::start("api");
+    let gateway = gateway(&first, &upstream, 300, 30);
+    wait_for_first_fetch(&first).await;
+    assert_eq!(status_with(&gateway, &first_key.token("ada")).await.0, 200);
+
+    let settings = std::fs::read_to_string(gateway.settings_file()).unwrap();
+    std::fs::write(gateway.settings_file(), settings.replace(&first.url(), &second.url())).unwrap();
+    gateway.reload().await.expect("the reload succeeds");
+    wait_for_first_fetch(&second).await;
+    assert_eq!(status_with(&gateway, &second_key.token("ada")).await.0, 200);
+    assert_eq!(
+        status_with(&gateway, &first_key.token("ada")).await.0,
+        403,
+        "the old provider's key is gone"
+    );
+}
