@@ -69,6 +69,9 @@ impl KeyKind {
 /// One usable signing key of a set.
 struct SetKey {
     kid: Option<String>,
+    /// The key's public parameters, to tell a key replaced under the same
+    /// `kid`.
+    material: String,
     kind: KeyKind,
     /// The JWK's own `alg`, when it states one.
     algorithm: Option<Algorithm>,
@@ -133,6 +136,7 @@ impl KeySet {
                 let key = DecodingKey::from_jwk(&jwk).ok()?;
                 Some(SetKey {
                     kid: jwk.common.key_id.clone(),
+                    material: serde_json::to_string(&jwk.algorithm).ok()?,
                     kind,
                     algorithm,
                     key,
@@ -151,9 +155,20 @@ impl KeySet {
         self.keys.is_empty()
     }
 
-    /// The kids of the set's keys, to tell which ones left the set.
+    /// The kids of the set's keys.
     pub fn kids(&self) -> impl Iterator<Item = &str> {
         self.keys.iter().filter_map(|key| key.kid.as_deref())
+    }
+
+    /// Some key of `self` is not in `next` (gone, or replaced under its
+    /// `kid`): what it verified must not be trusted any more.
+    pub fn loses_keys_in(&self, next: &KeySet) -> bool {
+        self.keys.iter().any(|key| {
+            !next
+                .keys
+                .iter()
+                .any(|kept| kept.kid == key.kid && kept.material == key.material)
+        })
     }
 
     /// The key for a token with this header (whose `alg` the verifier has
@@ -226,6 +241,16 @@ struct FetchStatus {
     latest_failed: bool,
 }
 
+/// What [`JwksKeys::claim_fetch`] says.
+enum Claim {
+    Claimed,
+    /// Another fetch runs: its result will do.
+    InFlight,
+    /// The last fetch started less than `jwks_min_refetch_s` ago; the next
+    /// may start after this long.
+    NotDue(Duration),
+}
+
 #[derive(Default)]
 struct Schedule {
     last_started: Option<Instant>,
@@ -293,17 +318,39 @@ impl JwksKeys {
     /// Claims the next fetch if none runs and the last one started at least
     /// `jwks_min_refetch_s` ago (every fetch counts: start-up, periodic,
     /// refetch).
-    fn claim_fetch(&self) -> bool {
+    fn claim_fetch(&self) -> Claim {
         let mut schedule = self.schedule.lock().expect("not poisoned");
-        let due = schedule
+        if schedule.in_flight {
+            return Claim::InFlight;
+        }
+        if let Some(wait) = schedule
             .last_started
-            .is_none_or(|started| started.elapsed() >= self.min_refetch);
-        if schedule.in_flight || !due {
-            return false;
+            .map(|started| self.min_refetch.saturating_sub(started.elapsed()))
+            .filter(|wait| !wait.is_zero())
+        {
+            return Claim::NotDue(wait);
         }
         schedule.in_flight = true;
         schedule.last_started = Some(Instant::now());
-        true
+        Claim::Claimed
+    }
+
+    /// Takes over what `previous` knew, for the keys of a reload that kept
+    /// `jwks_url`: its set (so tokens keep passing while the new fetcher's
+    /// first fetch runs), its status, and when it last fetched (so the
+    /// reload does not fetch sooner than `jwks_min_refetch_s` allows).
+    pub fn inherit(&self, previous: &JwksKeys) {
+        if previous.url != self.url {
+            return;
+        }
+        *self.set.write().expect("not poisoned") = previous.current();
+        let status = previous.status.lock().expect("not poisoned");
+        *self.status.lock().expect("not poisoned") = FetchStatus {
+            last_success: status.last_success,
+            latest_failed: status.latest_failed,
+        };
+        self.schedule.lock().expect("not poisoned").last_started =
+            previous.schedule.lock().expect("not poisoned").last_started;
     }
 
     /// For a token whose `kid` the set lacks: asks the fetcher for the set
@@ -312,17 +359,17 @@ impl JwksKeys {
     /// that asks while one fetch runs waits on that one fetch.
     pub async fn refetch(&self) {
         let mut finished = self.finished.subscribe();
-        let in_flight = self.schedule.lock().expect("not poisoned").in_flight;
-        if !in_flight {
-            if !self.claim_fetch() {
-                return;
-            }
-            let fetcher = self.fetcher.lock().expect("not poisoned").clone();
-            match fetcher {
-                Some(fetcher) => fetcher.do_send(Fetch { claimed: true }),
-                None => {
-                    self.schedule.lock().expect("not poisoned").in_flight = false;
-                    return;
+        match self.claim_fetch() {
+            Claim::NotDue(_) => return,
+            Claim::InFlight => {}
+            Claim::Claimed => {
+                let fetcher = self.fetcher.lock().expect("not poisoned").clone();
+                match fetcher {
+                    Some(fetcher) => fetcher.do_send(Fetch { claimed: true }),
+                    None => {
+                        self.schedule.lock().expect("not poisoned").in_flight = false;
+                        return;
+                    }
                 }
             }
         }
@@ -336,9 +383,7 @@ impl JwksKeys {
             Ok(set) => {
                 let set = Arc::new(set);
                 let previous = self.set.write().expect("not poisoned").replace(set.clone());
-                let lost_a_key = previous.is_some_and(|previous| {
-                    previous.kids().any(|kid| !set.kids().any(|kept| kept == kid)) || previous.len() > set.len()
-                });
+                let lost_a_key = previous.is_some_and(|previous| previous.loses_keys_in(&set));
                 if lost_a_key {
                     self.removals.fetch_add(1, Ordering::Relaxed);
                 }
@@ -408,12 +453,12 @@ impl JwksFetcher {
                 ctx.stop();
                 return;
             }
-            if fetcher.keys.claim_fetch() {
-                ctx.notify(Fetch { claimed: true });
-            } else {
-                // A refetch ran moments ago; try again when allowed.
-                let wait = fetcher.keys.min_refetch.max(Duration::from_secs(1));
-                fetcher.schedule(ctx, wait);
+            match fetcher.keys.claim_fetch() {
+                Claim::Claimed => ctx.notify(Fetch { claimed: true }),
+                // Its end schedules the next one.
+                Claim::InFlight => {}
+                // A refetch ran moments ago: when allowed.
+                Claim::NotDue(wait) => fetcher.schedule(ctx, wait),
             }
         }));
     }
@@ -430,9 +475,17 @@ impl Actor for JwksFetcher {
 impl Handler<Fetch> for JwksFetcher {
     type Result = actix::ResponseActFuture<Self, ()>;
 
-    fn handle(&mut self, message: Fetch, _: &mut Self::Context) -> Self::Result {
-        if !message.claimed && !self.keys.claim_fetch() {
-            return Box::pin(actix::fut::ready(()));
+    fn handle(&mut self, message: Fetch, ctx: &mut Self::Context) -> Self::Result {
+        if !message.claimed {
+            match self.keys.claim_fetch() {
+                Claim::Claimed => {}
+                Claim::InFlight => return Box::pin(actix::fut::ready(())),
+                // Keys a reload handed over, fetched moments ago.
+                Claim::NotDue(wait) => {
+                    self.schedule(ctx, wait);
+                    return Box::pin(actix::fut::ready(()));
+                }
+            }
         }
         let request = self
             .client

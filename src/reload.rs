@@ -122,6 +122,15 @@ impl Reloader {
                 runtime.verifier = Some(running.clone());
             }
         }
+        // New keys for the same provider start from the set in force.
+        if let (Some(next), Some((running, _))) = (
+            runtime.verifier.as_ref().and_then(|verifier| verifier.jwks()),
+            &self.verifier,
+        ) {
+            if let Some(previous) = running.jwks().filter(|previous| !Arc::ptr_eq(previous, next)) {
+                next.inherit(previous);
+            }
+        }
         self.verifier = runtime.verifier.clone().map(|verifier| (verifier, key_file));
         // A kept verifier's fetcher runs on; a new one's starts.
         crate::jwks::fetch_for(runtime.verifier.as_ref(), &runtime.gateway);

@@ -21,6 +21,7 @@ use std::rc::Rc;
 
 use actix_codec::Framed;
 use actix_http::body::SizedStream;
+use actix_http::error::ParseError;
 use actix_http::h1::ClientCodec;
 use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, Item, Message, ProtocolError};
 use actix_http::{RequestHead, ResponseHead};
@@ -29,7 +30,7 @@ use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::{ConnectionType, Method, StatusCode, Uri, Version};
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{MessageStream, Session};
-use awc::error::SendRequestError;
+use awc::error::{ConnectError, SendRequestError};
 use bytestring::ByteString;
 use futures_util::future::LocalBoxFuture;
 use futures_util::{SinkExt, StreamExt};
@@ -134,8 +135,8 @@ pub async fn tunnel(
         .await
         .ok_or_else(|| unavailable(service, "no healthy instance".to_owned()))?;
     let mut attempt = handshake(req, route, ctx, first, &path_and_query).await;
-    if let Err(Refused::Connect(reason)) = &attempt {
-        // Nothing reached the instance: the next one gets the handshake.
+    if let Err(Refused::Connect(reason) | Refused::Reset(reason)) = &attempt {
+        // A handshake has no body: the next instance gets it whole.
         if let Some(second) = ctx.pick_target(route.service, Some(first)).await {
             tracing::debug!(failed = %service.instances[first].url, %reason, "retrying the WebSocket handshake");
             attempt = handshake(req, route, ctx, second, &path_and_query).await;
@@ -144,7 +145,7 @@ pub async fn tunnel(
     let (upstream_head, upstream) = match attempt {
         Ok(connected) => connected,
         Err(Refused::Answered(response)) => return Ok(response),
-        Err(Refused::Connect(reason)) => return Err(unavailable(service, reason)),
+        Err(Refused::Connect(reason) | Refused::Reset(reason)) => return Err(unavailable(service, reason)),
         Err(Refused::Timeout) => {
             return Err(GatewayError::GatewayTimeout {
                 service: service.name.to_string(),
@@ -191,6 +192,9 @@ fn unavailable(service: &Service, reason: String) -> GatewayError {
 enum Refused {
     /// No connection: nothing was sent.
     Connect(String),
+    /// The connection broke before an answer (the handshake has no body, so
+    /// it may go to another instance, as a body-less request would).
+    Reset(String),
     Timeout,
     /// The instance answered with another status than 101: its answer,
     /// passed on as a normal response.
@@ -271,7 +275,13 @@ async fn handshake(
     let opened = actix_rt::time::timeout(route.request_timeout, (ctx.tunnels)(uri, head)).await;
     let (answer, framed) = match opened {
         Err(_) | Ok(Err(SendRequestError::Timeout)) => return Err(Refused::Timeout),
+        Ok(Err(SendRequestError::Connect(ConnectError::Disconnected))) => {
+            return Err(Refused::Reset("connection closed before the answer".to_owned()))
+        }
         Ok(Err(SendRequestError::Connect(err))) => return Err(Refused::Connect(err.to_string())),
+        Ok(Err(
+            err @ (SendRequestError::Send(_) | SendRequestError::Response(ParseError::Io(_) | ParseError::Incomplete)),
+        )) => return Err(Refused::Reset(err.to_string())),
         Ok(Err(err)) => return Err(Refused::BadAnswer(err.to_string())),
         Ok(Ok(opened)) => opened,
     };
@@ -419,24 +429,32 @@ fn to_client(frame: Frame) -> Option<Message> {
     })
 }
 
-/// Sends one message to the client; false once the client's side is gone.
-async fn send_to_client(session: &mut Option<Session>, message: Message) -> bool {
-    let Some(live) = session.as_mut() else {
-        return false;
-    };
-    let sent = match message {
-        Message::Text(text) => live.text(text).await,
-        Message::Binary(bytes) => live.binary(bytes).await,
-        Message::Continuation(item) => live.continuation(item).await,
-        Message::Ping(bytes) => live.ping(&bytes).await,
-        Message::Pong(bytes) => live.pong(&bytes).await,
-        Message::Close(reason) => {
-            let closing = session.take().expect("checked above");
-            return closing.close(reason).await.is_ok();
+/// Sends one message to the client; false once the client's side is gone
+/// or has not taken the message within `limit`.
+///
+/// A close goes out through a clone of the session: the session itself
+/// lives until the relay ends, so the client's answer to a close can still
+/// be read (the response body, and with it the connection, ends when the
+/// last session is dropped).
+async fn send_to_client(session: &mut Session, message: Message, limit: Duration) -> bool {
+    let send = async {
+        match message {
+            Message::Text(text) => session.text(text).await,
+            Message::Binary(bytes) => session.binary(bytes).await,
+            Message::Continuation(item) => session.continuation(item).await,
+            Message::Ping(bytes) => session.ping(&bytes).await,
+            Message::Pong(bytes) => session.pong(&bytes).await,
+            Message::Close(reason) => session.clone().close(reason).await,
+            Message::Nop => Ok(()),
         }
-        Message::Nop => Ok(()),
     };
-    sent.is_ok()
+    matches!(actix_rt::time::timeout(limit, send).await, Ok(Ok(())))
+}
+
+/// Sends one message to the instance; false once its side is gone or has
+/// not taken the message within `limit`.
+async fn send_to_instance(upstream: &mut InstanceSocket, message: Message, limit: Duration) -> bool {
+    matches!(actix_rt::time::timeout(limit, upstream.send(message)).await, Ok(Ok(())))
 }
 
 /// Lets the instance end its side: what it still sends (the rest of an
@@ -461,7 +479,7 @@ async fn relay(
     upstream: &mut InstanceSocket,
     shutdown: Option<TunnelShutdown>,
 ) -> Ended {
-    let mut session = Some(session);
+    let mut session = session;
     let mut shutdown = shutdown;
     let shutdown_requested = async {
         match shutdown.as_mut() {
@@ -480,13 +498,13 @@ async fn relay(
             message = client.next() => match message {
                 Some(Ok(message)) => {
                     if !from_client.admits(&message) {
-                        send_to_client(&mut session, Message::Close(close(CloseCode::Size))).await;
-                        let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                        send_to_client(&mut session, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
+                        send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                         return Ended::TooLarge;
                     }
                     let is_close = matches!(message, Message::Close(_));
-                    if upstream.send(message).await.is_err() {
-                        send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                    if !send_to_instance(upstream, message, idle_limit).await {
+                        send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                         return closing.unwrap_or(Ended::UpstreamGone);
                     }
                     if is_close {
@@ -498,19 +516,19 @@ async fn relay(
                     }
                 }
                 Some(Err(ProtocolError::Overflow)) => {
-                    send_to_client(&mut session, Message::Close(close(CloseCode::Size))).await;
-                    let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
+                    send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                     return Ended::TooLarge;
                 }
                 Some(Err(err)) => {
                     tracing::debug!(error = %err, "WebSocket client broke the protocol");
-                    send_to_client(&mut session, Message::Close(close(CloseCode::Protocol))).await;
-                    let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Protocol)), CLOSE_GRACE).await;
+                    send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                     return Ended::ProtocolError;
                 }
                 None => {
                     if closing.is_none() {
-                        let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                        send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                     }
                     return closing.unwrap_or(Ended::ClientGone);
                 }
@@ -518,18 +536,18 @@ async fn relay(
             frame = upstream.next() => match frame {
                 Some(Ok(frame)) => {
                     let Some(message) = to_client(frame) else {
-                        let _ = upstream.send(Message::Close(close(CloseCode::Invalid))).await;
-                        send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                        send_to_instance(upstream, Message::Close(close(CloseCode::Invalid)), CLOSE_GRACE).await;
+                        send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                         return Ended::ProtocolError;
                     };
                     if !from_upstream.admits(&message) {
-                        let _ = upstream.send(Message::Close(close(CloseCode::Size))).await;
-                        send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                        send_to_instance(upstream, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
+                        send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                         return Ended::TooLarge;
                     }
                     let is_close = matches!(message, Message::Close(_));
-                    if !send_to_client(&mut session, message).await && !is_close {
-                        let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                    if !send_to_client(&mut session, message, idle_limit).await && !is_close {
+                        send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                         return closing.unwrap_or(Ended::ClientGone);
                     }
                     if is_close {
@@ -541,34 +559,34 @@ async fn relay(
                     }
                 }
                 Some(Err(ProtocolError::Overflow)) => {
-                    let _ = upstream.send(Message::Close(close(CloseCode::Size))).await;
-                    send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                    send_to_instance(upstream, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                     return Ended::TooLarge;
                 }
                 Some(Err(err)) => {
                     tracing::debug!(error = %err, "WebSocket instance broke the protocol");
-                    let _ = upstream.send(Message::Close(close(CloseCode::Protocol))).await;
-                    send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                    send_to_instance(upstream, Message::Close(close(CloseCode::Protocol)), CLOSE_GRACE).await;
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                     return Ended::ProtocolError;
                 }
                 None => {
                     if closing.is_none() {
-                        send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
+                        send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                     }
                     return closing.unwrap_or(Ended::UpstreamGone);
                 }
             },
             () = &mut shutdown_requested => {
-                send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
-                let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                 return Ended::Shutdown;
             }
             () = &mut idle => {
                 if let Some(first) = closing {
                     return first;
                 }
-                send_to_client(&mut session, Message::Close(close(CloseCode::Away))).await;
-                let _ = upstream.send(Message::Close(close(CloseCode::Away))).await;
+                send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
                 return Ended::Idle;
             }
         }

@@ -443,3 +443,51 @@ async fn a_reload_that_changes_the_jwks_url_fetches_from_the_new_provider() {
         "the old provider's key is gone"
     );
 }
+
+#[actix_web::test]
+async fn a_key_replaced_under_the_same_kid_takes_its_cached_tokens_with_it() {
+    let (before, after) = (
+        Key::generated("k", Algorithm::ES256),
+        Key::generated("k", Algorithm::ES256),
+    );
+    let provider = Provider::serving(std::slice::from_ref(&before.jwk));
+    let upstream = Upstream::start("api");
+    let gateway = gateway(&provider, &upstream, 1, 1);
+    wait_for_first_fetch(&provider).await;
+    let token = before.token("ada");
+    assert_eq!(status_with(&gateway, &token).await.0, 200);
+    assert_eq!(status_with(&gateway, &token).await.0, 200, "now from the token cache");
+
+    provider.serve(std::slice::from_ref(&after.jwk));
+    let fetched = provider.fetches();
+    assert!(eventually(Duration::from_secs(5), async || provider.fetches() > fetched).await);
+    actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(status_with(&gateway, &token).await.0, 403, "the replaced key's token");
+    assert_eq!(status_with(&gateway, &after.token("ada")).await.0, 200);
+}
+
+#[actix_web::test]
+async fn a_reload_that_keeps_the_provider_keeps_its_key_set_while_the_provider_is_down() {
+    let key = Key::generated("k", Algorithm::EdDSA);
+    let provider = Provider::serving(std::slice::from_ref(&key.jwk));
+    let upstream = Upstream::start("api");
+    let gateway = gateway(&provider, &upstream, 300, 30);
+    wait_for_first_fetch(&provider).await;
+    assert_eq!(status_with(&gateway, &key.token("ada")).await.0, 200);
+
+    // The provider goes down; a reload changes another auth key.
+    provider.answer(500, b"down".to_vec());
+    let settings = std::fs::read_to_string(gateway.settings_file()).unwrap();
+    let changed = settings.replace("[auth]\n", "[auth]\nleeway_s = 5\n");
+    assert_ne!(changed, settings, "the reload changes auth, so it builds new keys");
+    std::fs::write(gateway.settings_file(), changed).unwrap();
+    gateway.reload().await.expect("the reload succeeds");
+    let (status, body) = status_with(&gateway, &key.token("bob")).await;
+    assert_eq!(status, 200, "the set in force carries over: {body}");
+    assert_eq!(
+        provider.fetches(),
+        1,
+        "and the reload fetches no sooner than jwks_min_refetch_s allows"
+    );
+    assert_eq!(health(&gateway).await["auth"]["jwks"], "ok");
+}

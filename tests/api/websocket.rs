@@ -164,7 +164,19 @@ async fn a_close_from_the_instance_reaches_the_client_with_its_code_and_reason()
     let gateway = TestGateway::start(&settings(&upstream));
     let (_, mut tunnel) = open(&gateway, "/chat/ws").await;
     tunnel.send(Message::Text("close:4000:bye now".into())).await.unwrap();
-    assert_eq!(close_of(&next(&mut tunnel).await), (4000, "bye now".to_owned()));
+    assert_eq!(close_of(&next(&mut tunnel).await), (4000, "bye now".to_owned())); // The client's answer reaches the instance.
+    tunnel
+        .send(Message::Close(Some(CloseReason {
+            code: CloseCode::Other(4000),
+            description: Some("bye now".into()),
+        })))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), async || upstream.ws_closes() == [4000]).await,
+        "{:?}",
+        upstream.ws_closes()
+    );
 }
 
 #[actix_web::test]
