@@ -14,10 +14,9 @@
 //! installed), so the connection watchdog sees an open tunnel as a request in
 //! flight and leaves it alone.
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::rc::Rc;
 
 use actix_codec::Framed;
 use actix_http::body::SizedStream;
@@ -58,6 +57,7 @@ fn idle_close() -> Duration {
             .map_or(IDLE_CLOSE, Duration::from_millis)
     })
 }
+
 /// After one side's close, how long the other side has to answer it.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Tunnels are told to close this long before the drain ends, so their
@@ -96,8 +96,6 @@ impl TunnelShutdown {
         }
     }
 }
-
-const SEC_WEBSOCKET_EXTENSIONS: HeaderName = header::SEC_WEBSOCKET_EXTENSIONS;
 
 /// `GET` over HTTP/1.1 with `Upgrade: websocket` and `Connection: upgrade`.
 pub fn is_websocket_upgrade(req: &HttpRequest) -> bool {
@@ -174,9 +172,9 @@ pub async fn tunnel(
         let mut upstream = upstream;
         let messages = messages.max_frame_size(MAX_MESSAGE_BYTES);
         let ended = relay(session, messages, &mut upstream, shutdown).await;
-        finish(upstream).await;
         tracing::debug!(route = %route_name, ended = ended.label(), "WebSocket tunnel ended");
         crate::metrics::tunnel_closed(&route_name, ended.label());
+        finish(upstream).await;
     });
     Ok(response)
 }
@@ -259,7 +257,7 @@ async fn handshake(
     // The client's key and protocols go as they came (so the instance's
     // `Sec-WebSocket-Accept` answers the client's key); no extension
     // (compression) is negotiated through the gateway.
-    head.headers.remove(SEC_WEBSOCKET_EXTENSIONS);
+    head.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
     for name in [header::SEC_WEBSOCKET_KEY, header::SEC_WEBSOCKET_VERSION] {
         if let Some(value) = req.headers().get(&name) {
             head.headers.insert(name, value.clone());
