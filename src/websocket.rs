@@ -14,9 +14,10 @@
 //! installed), so the connection watchdog sees an open tunnel as a request in
 //! flight and leaves it alone.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_codec::Framed;
 use actix_http::body::SizedStream;
@@ -32,6 +33,7 @@ use actix_ws::{MessageStream, Session};
 use awc::error::{ConnectError, SendRequestError};
 use bytestring::ByteString;
 use futures_util::future::LocalBoxFuture;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 
 use crate::error::GatewayError;
@@ -169,12 +171,13 @@ pub async fn tunnel(
     let shutdown = req.app_data::<TunnelShutdown>().cloned();
     actix_rt::spawn(async move {
         crate::metrics::tunnel_opened(&route_name);
-        let mut upstream = upstream;
         let messages = messages.max_frame_size(MAX_MESSAGE_BYTES);
-        let ended = relay(session, messages, &mut upstream, shutdown).await;
+        let (ended, upstream) = relay(session, messages, upstream, shutdown).await;
         tracing::debug!(route = %route_name, ended = ended.label(), "WebSocket tunnel ended");
         crate::metrics::tunnel_closed(&route_name, ended.label());
-        finish(upstream).await;
+        if let Some(upstream) = upstream {
+            finish(upstream).await;
+        }
     });
     Ok(response)
 }
@@ -449,10 +452,16 @@ async fn send_to_client(session: &mut Session, message: Message, limit: Duration
     matches!(actix_rt::time::timeout(limit, send).await, Ok(Ok(())))
 }
 
+/// The instance's writing half, shared by both directions (each sends
+/// closes to it); a send holds it only while it lasts.
+type InstanceSink = futures_util::lock::Mutex<SplitSink<InstanceSocket, Message>>;
+
 /// Sends one message to the instance; false once its side is gone or has
-/// not taken the message within `limit`.
-async fn send_to_instance(upstream: &mut InstanceSocket, message: Message, limit: Duration) -> bool {
-    matches!(actix_rt::time::timeout(limit, upstream.send(message)).await, Ok(Ok(())))
+/// not taken the message within `limit` (waiting for the other direction's
+/// send included).
+async fn send_to_instance(sink: &InstanceSink, message: Message, limit: Duration) -> bool {
+    let send = async { sink.lock().await.send(message).await };
+    matches!(actix_rt::time::timeout(limit, send).await, Ok(Ok(())))
 }
 
 /// Lets the instance end its side: what it still sends (the rest of an
@@ -470,125 +479,202 @@ async fn finish(mut upstream: InstanceSocket) {
     .await;
 }
 
-/// Relays until the tunnel ends, and says how it did.
+/// What both directions of a tunnel know.
+struct TunnelState {
+    /// The last message either way.
+    activity: Cell<Instant>,
+    /// Who closed first, once someone has.
+    first_close: Cell<Option<Ended>>,
+    /// `IDLE_CLOSE` (or its test value): also how long a send may wait.
+    idle: Duration,
+}
+
+impl TunnelState {
+    fn touch(&self) {
+        self.activity.set(Instant::now());
+    }
+
+    /// After a message that closes its direction: the tunnel's end when the
+    /// other side had closed already, else `None` (its answer is awaited).
+    fn closed_by(&self, side: Ended) -> Option<Ended> {
+        match self.first_close.get() {
+            Some(first) => Some(first),
+            None => {
+                self.first_close.set(Some(side));
+                None
+            }
+        }
+    }
+
+    /// Resolves when the tunnel has been quiet too long: the idle limit, or
+    /// [`CLOSE_GRACE`] once one side has closed and the other has not
+    /// answered.
+    async fn quiet(&self) {
+        loop {
+            let limit = if self.first_close.get().is_some() {
+                CLOSE_GRACE
+            } else {
+                self.idle
+            };
+            let deadline = self.activity.get() + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            actix_rt::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// The client's messages to the instance, until this direction ends the
+/// tunnel.
+async fn client_to_instance(
+    client: &mut MessageStream,
+    mut session: Session,
+    sink: &InstanceSink,
+    state: &TunnelState,
+) -> Ended {
+    let mut size = MessageSize::default();
+    loop {
+        match client.next().await {
+            Some(Ok(message)) => {
+                state.touch();
+                if !size.admits(&message) {
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
+                    send_to_instance(sink, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                    return Ended::TooLarge;
+                }
+                let is_close = matches!(message, Message::Close(_));
+                if !send_to_instance(sink, message, state.idle).await {
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                    return state.first_close.get().unwrap_or(Ended::UpstreamGone);
+                }
+                if is_close {
+                    if let Some(ended) = state.closed_by(Ended::ClientClosed) {
+                        return ended;
+                    }
+                }
+            }
+            Some(Err(ProtocolError::Overflow)) => {
+                send_to_client(&mut session, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
+                send_to_instance(sink, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                return Ended::TooLarge;
+            }
+            Some(Err(err)) => {
+                tracing::debug!(error = %err, "WebSocket client broke the protocol");
+                send_to_client(&mut session, Message::Close(close(CloseCode::Protocol)), CLOSE_GRACE).await;
+                send_to_instance(sink, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                return Ended::ProtocolError;
+            }
+            None => {
+                if state.first_close.get().is_none() {
+                    send_to_instance(sink, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                }
+                return state.first_close.get().unwrap_or(Ended::ClientGone);
+            }
+        }
+    }
+}
+
+/// The instance's messages to the client, until this direction ends the
+/// tunnel.
+async fn instance_to_client(
+    frames: &mut SplitStream<InstanceSocket>,
+    mut session: Session,
+    sink: &InstanceSink,
+    state: &TunnelState,
+) -> Ended {
+    let mut size = MessageSize::default();
+    loop {
+        match frames.next().await {
+            Some(Ok(frame)) => {
+                state.touch();
+                let Some(message) = to_client(frame) else {
+                    send_to_instance(sink, Message::Close(close(CloseCode::Invalid)), CLOSE_GRACE).await;
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                    return Ended::ProtocolError;
+                };
+                if !size.admits(&message) {
+                    send_to_instance(sink, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                    return Ended::TooLarge;
+                }
+                let is_close = matches!(message, Message::Close(_));
+                if !send_to_client(&mut session, message, state.idle).await && !is_close {
+                    send_to_instance(sink, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                    return state.first_close.get().unwrap_or(Ended::ClientGone);
+                }
+                if is_close {
+                    if let Some(ended) = state.closed_by(Ended::UpstreamClosed) {
+                        return ended;
+                    }
+                }
+            }
+            Some(Err(ProtocolError::Overflow)) => {
+                send_to_instance(sink, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
+                send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                return Ended::TooLarge;
+            }
+            Some(Err(err)) => {
+                tracing::debug!(error = %err, "WebSocket instance broke the protocol");
+                send_to_instance(sink, Message::Close(close(CloseCode::Protocol)), CLOSE_GRACE).await;
+                send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                return Ended::ProtocolError;
+            }
+            None => {
+                if state.first_close.get().is_none() {
+                    send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                }
+                return state.first_close.get().unwrap_or(Ended::UpstreamGone);
+            }
+        }
+    }
+}
+
+/// Relays both directions independently (a slow reader on one side never
+/// holds up the other) until one of them ends the tunnel, or it goes quiet,
+/// or the gateway shuts down; says how it ended and gives the instance's
+/// connection back for [`finish`].
 async fn relay(
     session: Session,
     mut client: MessageStream,
-    upstream: &mut InstanceSocket,
+    upstream: InstanceSocket,
     shutdown: Option<TunnelShutdown>,
-) -> Ended {
-    let mut session = session;
+) -> (Ended, Option<InstanceSocket>) {
+    let (sink, mut frames) = upstream.split();
+    let sink: InstanceSink = futures_util::lock::Mutex::new(sink);
+    let state = TunnelState {
+        activity: Cell::new(Instant::now()),
+        first_close: Cell::new(None),
+        idle: idle_close(),
+    };
     let mut shutdown = shutdown;
-    let shutdown_requested = async {
-        match shutdown.as_mut() {
-            Some(shutdown) => shutdown.requested().await,
-            None => std::future::pending().await,
+    let mut closer = session.clone();
+    let ended = {
+        let shutdown_requested = async {
+            match shutdown.as_mut() {
+                Some(shutdown) => shutdown.requested().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ended = client_to_instance(&mut client, session.clone(), &sink, &state) => ended,
+            ended = instance_to_client(&mut frames, session, &sink, &state) => ended,
+            () = shutdown_requested => {
+                send_to_client(&mut closer, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                send_to_instance(&sink, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                Ended::Shutdown
+            }
+            () = state.quiet() => match state.first_close.get() {
+                // One side closed and the other never answered.
+                Some(first) => first,
+                None => {
+                    send_to_client(&mut closer, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                    send_to_instance(&sink, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
+                    Ended::Idle
+                }
+            },
         }
     };
-    let mut shutdown_requested = std::pin::pin!(shutdown_requested);
-    let (mut from_client, mut from_upstream) = (MessageSize::default(), MessageSize::default());
-    // Who closed first, once someone has.
-    let mut closing: Option<Ended> = None;
-    let idle_limit = idle_close();
-    let mut idle = Box::pin(actix_rt::time::sleep(idle_limit));
-    loop {
-        tokio::select! {
-            message = client.next() => match message {
-                Some(Ok(message)) => {
-                    if !from_client.admits(&message) {
-                        send_to_client(&mut session, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
-                        send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                        return Ended::TooLarge;
-                    }
-                    let is_close = matches!(message, Message::Close(_));
-                    if !send_to_instance(upstream, message, idle_limit).await {
-                        send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                        return closing.unwrap_or(Ended::UpstreamGone);
-                    }
-                    if is_close {
-                        match closing {
-                            // The client answered the instance's close.
-                            Some(first) => return first,
-                            None => closing = Some(Ended::ClientClosed),
-                        }
-                    }
-                }
-                Some(Err(ProtocolError::Overflow)) => {
-                    send_to_client(&mut session, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
-                    send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                    return Ended::TooLarge;
-                }
-                Some(Err(err)) => {
-                    tracing::debug!(error = %err, "WebSocket client broke the protocol");
-                    send_to_client(&mut session, Message::Close(close(CloseCode::Protocol)), CLOSE_GRACE).await;
-                    send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                    return Ended::ProtocolError;
-                }
-                None => {
-                    if closing.is_none() {
-                        send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                    }
-                    return closing.unwrap_or(Ended::ClientGone);
-                }
-            },
-            frame = upstream.next() => match frame {
-                Some(Ok(frame)) => {
-                    let Some(message) = to_client(frame) else {
-                        send_to_instance(upstream, Message::Close(close(CloseCode::Invalid)), CLOSE_GRACE).await;
-                        send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                        return Ended::ProtocolError;
-                    };
-                    if !from_upstream.admits(&message) {
-                        send_to_instance(upstream, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
-                        send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                        return Ended::TooLarge;
-                    }
-                    let is_close = matches!(message, Message::Close(_));
-                    if !send_to_client(&mut session, message, idle_limit).await && !is_close {
-                        send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                        return closing.unwrap_or(Ended::ClientGone);
-                    }
-                    if is_close {
-                        match closing {
-                            // The instance answered the client's close.
-                            Some(first) => return first,
-                            None => closing = Some(Ended::UpstreamClosed),
-                        }
-                    }
-                }
-                Some(Err(ProtocolError::Overflow)) => {
-                    send_to_instance(upstream, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
-                    send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                    return Ended::TooLarge;
-                }
-                Some(Err(err)) => {
-                    tracing::debug!(error = %err, "WebSocket instance broke the protocol");
-                    send_to_instance(upstream, Message::Close(close(CloseCode::Protocol)), CLOSE_GRACE).await;
-                    send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                    return Ended::ProtocolError;
-                }
-                None => {
-                    if closing.is_none() {
-                        send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                    }
-                    return closing.unwrap_or(Ended::UpstreamGone);
-                }
-            },
-            () = &mut shutdown_requested => {
-                send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                return Ended::Shutdown;
-            }
-            () = &mut idle => {
-                if let Some(first) = closing {
-                    return first;
-                }
-                send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                send_to_instance(upstream, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                return Ended::Idle;
-            }
-        }
-        let wait = if closing.is_some() { CLOSE_GRACE } else { idle_limit };
-        idle.as_mut().reset(actix_rt::time::Instant::now() + wait);
-    }
+    drop(closer);
+    (ended, sink.into_inner().reunite(frames).ok())
 }
