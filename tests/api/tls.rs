@@ -2095,3 +2095,31 @@ fn a_tls_keep_alive_connection_stalled_in_its_second_request_head_is_closed() {
     assert!(elapsed < Duration::from_secs(10), "closed after {elapsed:?}");
     assert_eq!(upstream.hits(), 1, "the half-sent request never reached the upstream");
 }
+
+// ---------------------------------------------------------------------------
+// WebSocket over the TLS listener (wss://)
+// ---------------------------------------------------------------------------
+
+#[actix_web::test]
+async fn a_websocket_tunnel_opens_and_relays_over_the_tls_listener() {
+    use futures_util::{SinkExt, StreamExt};
+    let pki = Pki::new();
+    let upstream = Upstream::start("chat");
+    let gateway = with_tls(&pki).start(&format!(
+        "{}websocket = true\n",
+        service_at("chat", "/chat", &[upstream.url()])
+    ));
+    let url = gateway.tls_url("/chat/ws").replacen("https://", "wss://", 1);
+    let (response, mut tunnel) = tls_client(&pki.ca, &[HTTP11])
+        .ws(url)
+        .connect()
+        .await
+        .expect("the WebSocket handshake over TLS succeeds");
+    assert_eq!(response.status(), 101);
+    assert_eq!(values(&upstream.last_seen(), "x-forwarded-proto"), ["https"]);
+    tunnel.send(awc::ws::Message::Text("over tls".into())).await.unwrap();
+    match actix_web::rt::time::timeout(Duration::from_secs(10), tunnel.next()).await {
+        Ok(Some(Ok(awc::ws::Frame::Text(text)))) => assert_eq!(&text[..], b"over tls"),
+        other => panic!("expected the echo, got {other:?}"),
+    }
+}
