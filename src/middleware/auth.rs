@@ -77,34 +77,32 @@ fn refusal(error: TokenError) -> GatewayError {
 }
 
 fn check(req: &ServiceRequest) -> Checked {
-    let extensions = req.extensions();
-    let retry = extensions.get::<Routed>().and_then(|routed| {
-        let route = routed.route().filter(|route| route.auth)?;
-        let verifier = routed.snapshot.verifier.clone()?;
-        let keys = verifier.jwks()?.clone();
-        let token = req.headers().get(header::AUTHORIZATION).and_then(bearer_token)?;
-        Some((
-            route.roles.clone(),
-            verifier,
-            keys,
-            routed.snapshot.tokens.clone(),
-            token,
-        ))
-    });
     match authenticate(req) {
         Ok(identity) => Checked::Done(Ok(identity)),
         Err(Refused::Gateway(error)) => Checked::Done(Err(error)),
-        Err(Refused::UnknownKid(reason)) => match retry {
-            Some((roles, verifier, keys, tokens, token)) => Checked::AfterRefetch(Box::new(Retry {
-                keys,
-                verifier,
-                tokens,
-                token: token.token().to_string(),
-                roles,
-            })),
+        Err(Refused::UnknownKid(reason)) => match retry_of(req) {
+            Some(retry) => Checked::AfterRefetch(Box::new(retry)),
             None => Checked::Done(Err(GatewayError::InvalidToken(reason))),
         },
     }
+}
+
+/// What checking the request's token again takes, once the set is fetched
+/// again (only gathered for a token whose `kid` the set lacks).
+fn retry_of(req: &ServiceRequest) -> Option<Retry> {
+    let extensions = req.extensions();
+    let routed = extensions.get::<Routed>()?;
+    let route = routed.route().filter(|route| route.auth)?;
+    let verifier = routed.snapshot.verifier.clone()?;
+    let keys = verifier.jwks()?.clone();
+    let token = req.headers().get(header::AUTHORIZATION).and_then(bearer_token)?;
+    Some(Retry {
+        keys,
+        verifier,
+        tokens: routed.snapshot.tokens.clone(),
+        token: token.token().to_string(),
+        roles: route.roles.clone(),
+    })
 }
 
 /// Why [`authenticate`] refused.
