@@ -113,7 +113,9 @@ impl ResponseError for GatewayError {
 
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
-        if status.is_server_error() {
+        // While the provider's keys are missing every token request gets
+        // this; the fetcher's own warning says why, once per fetch.
+        if status.is_server_error() && !matches!(self, Self::AuthenticationUnavailable) {
             tracing::warn!(status = status.as_u16(), cause = %self, "request failed");
         } else {
             tracing::debug!(status = status.as_u16(), cause = %self, "request refused");
@@ -183,6 +185,11 @@ mod tests {
                 GatewayError::InsufficientPermissions,
                 403,
                 r#"{"error":"Insufficient permissions"}"#,
+            ),
+            (
+                GatewayError::AuthenticationUnavailable,
+                503,
+                r#"{"error":"Authentication unavailable"}"#,
             ),
             (
                 GatewayError::ServiceUnavailable {
