@@ -452,6 +452,20 @@ async fn send_to_client(session: &mut Session, message: Message, limit: Duration
     matches!(actix_rt::time::timeout(limit, send).await, Ok(Ok(())))
 }
 
+/// Closes both sides, each with its own code (the side at fault gets the
+/// reason, the other 1001), and says how the tunnel ended.
+async fn close_both(
+    session: &mut Session,
+    sink: &InstanceSink,
+    to_client: CloseCode,
+    to_instance: CloseCode,
+    ended: Ended,
+) -> Ended {
+    send_to_client(session, Message::Close(close(to_client)), CLOSE_GRACE).await;
+    send_to_instance(sink, Message::Close(close(to_instance)), CLOSE_GRACE).await;
+    ended
+}
+
 /// The instance's writing half, shared by both directions (each sends
 /// closes to it); a send holds it only while it lasts.
 type InstanceSink = futures_util::lock::Mutex<SplitSink<InstanceSocket, Message>>;
@@ -539,9 +553,7 @@ async fn client_to_instance(
             Some(Ok(message)) => {
                 state.touch();
                 if !size.admits(&message) {
-                    send_to_client(&mut session, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
-                    send_to_instance(sink, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                    return Ended::TooLarge;
+                    return close_both(&mut session, sink, CloseCode::Size, CloseCode::Away, Ended::TooLarge).await;
                 }
                 let is_close = matches!(message, Message::Close(_));
                 if !send_to_instance(sink, message, state.idle).await {
@@ -555,15 +567,18 @@ async fn client_to_instance(
                 }
             }
             Some(Err(ProtocolError::Overflow)) => {
-                send_to_client(&mut session, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
-                send_to_instance(sink, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                return Ended::TooLarge;
+                return close_both(&mut session, sink, CloseCode::Size, CloseCode::Away, Ended::TooLarge).await;
             }
             Some(Err(err)) => {
                 tracing::debug!(error = %err, "WebSocket client broke the protocol");
-                send_to_client(&mut session, Message::Close(close(CloseCode::Protocol)), CLOSE_GRACE).await;
-                send_to_instance(sink, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                return Ended::ProtocolError;
+                return close_both(
+                    &mut session,
+                    sink,
+                    CloseCode::Protocol,
+                    CloseCode::Away,
+                    Ended::ProtocolError,
+                )
+                .await;
             }
             None => {
                 if state.first_close.get().is_none() {
@@ -589,14 +604,17 @@ async fn instance_to_client(
             Some(Ok(frame)) => {
                 state.touch();
                 let Some(message) = to_client(frame) else {
-                    send_to_instance(sink, Message::Close(close(CloseCode::Invalid)), CLOSE_GRACE).await;
-                    send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                    return Ended::ProtocolError;
+                    return close_both(
+                        &mut session,
+                        sink,
+                        CloseCode::Away,
+                        CloseCode::Invalid,
+                        Ended::ProtocolError,
+                    )
+                    .await;
                 };
                 if !size.admits(&message) {
-                    send_to_instance(sink, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
-                    send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                    return Ended::TooLarge;
+                    return close_both(&mut session, sink, CloseCode::Away, CloseCode::Size, Ended::TooLarge).await;
                 }
                 let is_close = matches!(message, Message::Close(_));
                 if !send_to_client(&mut session, message, state.idle).await && !is_close {
@@ -610,15 +628,18 @@ async fn instance_to_client(
                 }
             }
             Some(Err(ProtocolError::Overflow)) => {
-                send_to_instance(sink, Message::Close(close(CloseCode::Size)), CLOSE_GRACE).await;
-                send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                return Ended::TooLarge;
+                return close_both(&mut session, sink, CloseCode::Away, CloseCode::Size, Ended::TooLarge).await;
             }
             Some(Err(err)) => {
                 tracing::debug!(error = %err, "WebSocket instance broke the protocol");
-                send_to_instance(sink, Message::Close(close(CloseCode::Protocol)), CLOSE_GRACE).await;
-                send_to_client(&mut session, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                return Ended::ProtocolError;
+                return close_both(
+                    &mut session,
+                    sink,
+                    CloseCode::Away,
+                    CloseCode::Protocol,
+                    Ended::ProtocolError,
+                )
+                .await;
             }
             None => {
                 if state.first_close.get().is_none() {
@@ -660,17 +681,13 @@ async fn relay(
             ended = client_to_instance(&mut client, session.clone(), &sink, &state) => ended,
             ended = instance_to_client(&mut frames, session, &sink, &state) => ended,
             () = shutdown_requested => {
-                send_to_client(&mut closer, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                send_to_instance(&sink, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                Ended::Shutdown
+                close_both(&mut closer, &sink, CloseCode::Away, CloseCode::Away, Ended::Shutdown).await
             }
             () = state.quiet() => match state.first_close.get() {
                 // One side closed and the other never answered.
                 Some(first) => first,
                 None => {
-                    send_to_client(&mut closer, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                    send_to_instance(&sink, Message::Close(close(CloseCode::Away)), CLOSE_GRACE).await;
-                    Ended::Idle
+                    close_both(&mut closer, &sink, CloseCode::Away, CloseCode::Away, Ended::Idle).await
                 }
             },
         }

@@ -40,12 +40,10 @@ pin_project_lite::pin_project! {
 }
 
 impl<F> WithCors<F> {
-    /// `route`: the route the request matched (or a preflight asks about).
-    pub fn new(response: F, route: Option<&Arc<Route>>) -> Self {
-        Self {
-            response,
-            route: route.filter(|route| route.cors.is_some()).cloned(),
-        }
+    /// `route`: the route the request matched (or a preflight asks about),
+    /// when it has a CORS policy.
+    pub fn new(response: F, route: Option<Arc<Route>>) -> Self {
+        Self { response, route }
     }
 }
 

@@ -234,14 +234,10 @@ where
     fn call(&self, req: ServiceRequest) -> Self::Future {
         match classify(&req, self.worker.snapshot()) {
             Ok(routed) => {
-                let cors = routed
-                    .snapshot
-                    .gateway
-                    .any_route_has_cors
-                    .then(|| routed.matched_route().cloned())
-                    .flatten();
+                // Only a route with a policy is kept (an `Arc` clone).
+                let cors = routed.matched_route().filter(|route| route.cors.is_some()).cloned();
                 req.extensions_mut().insert(routed);
-                Either::Left(WithCors::new(passthrough(self.service.call(req)), cors.as_ref()))
+                Either::Left(WithCors::new(passthrough(self.service.call(req)), cors))
             }
             Err(error) => Either::Right(ready(Ok(req.error_response(error).map_into_right_body()))),
         }

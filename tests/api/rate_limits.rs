@@ -10,9 +10,8 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use jsonwebtoken::{EncodingKey, Header};
 use serde_json::json;
 
 use crate::helpers::*;
@@ -43,18 +42,9 @@ fn app(upstream: &Upstream) -> String {
     format!("[services.app]\ninstances = {}\n", instances(&[upstream]))
 }
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
 /// An HS256 token for `sub`, valid for an hour.
 fn token(sub: &str) -> String {
-    jsonwebtoken::encode(
-        &Header::default(),
-        &json!({ "sub": sub, "iat": now(), "exp": now() + 3600 }),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    hs256_token(SECRET, sub)
 }
 
 async fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {

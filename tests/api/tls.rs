@@ -20,13 +20,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use actix_web::http::Version;
 use actix_web::web::Bytes;
 use futures_util::StreamExt;
 use gatehouse::settings::Settings;
-use jsonwebtoken::{EncodingKey, Header};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SerialNumber,
@@ -324,18 +323,9 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(pattern_byte).collect()
 }
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
 /// An HS256 token for `sub`, valid for an hour.
 fn token(sub: &str) -> String {
-    jsonwebtoken::encode(
-        &Header::default(),
-        &json!({ "sub": sub, "iat": now(), "exp": now() + 3600 }),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    hs256_token(SECRET, sub)
 }
 
 // ---------------------------------------------------------------------------
