@@ -1,9 +1,10 @@
-//! The sliding log in process: for one gateway instance (`backend =
-//! "memory"`), and as the `local` fallback while Redis is unreachable.
+//! The limits in process: for one gateway instance (`backend = "memory"`),
+//! and as the `local` fallback while Redis is unreachable. Both algorithms,
+//! with the same arithmetic as the Redis script.
 //!
-//! Logs are sharded by client key, and all of one client's policies live in
+//! Counters are sharded by client key, and all of one client's policies live in
 //! one shard, so a decision takes exactly one lock and workers serving
-//! different clients rarely meet. Expired logs are dropped when touched, and
+//! different clients rarely meet. Expired counters are dropped when touched, and
 //! every [`SWEEP_EVERY`] decisions the next shard in turn is swept, so every
 //! shard is swept regularly whichever clients are active and memory stays bounded
 //! by the clients active within a window.
@@ -15,7 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::{verdict_from_counts, Policy, Verdict};
+use super::{verdict_from_tallies, Policy, Tally, Verdict};
+use crate::settings::LimitAlgorithm;
 
 const SHARDS: usize = 32;
 /// Decisions between two sweeps of one shard.
@@ -23,34 +25,114 @@ pub const SWEEP_EVERY: u64 = 1024;
 
 #[derive(Default)]
 struct Shard {
-    /// Client → one log per policy, by name: a reload that keeps a policy's
-    /// name keeps its log.
-    clients: HashMap<String, Vec<(Arc<str>, Log)>>,
+    /// Client → one counter per policy, by name: a reload that keeps a
+    /// policy's name keeps its counts.
+    clients: HashMap<String, Vec<(Arc<str>, Counter)>>,
 }
 
 impl Shard {
     fn sweep(&mut self, now_us: u64) {
-        self.clients.retain(|_, logs| {
-            logs.retain_mut(|(_, log)| {
-                log.prune(now_us);
-                !log.admissions.is_empty()
+        self.clients.retain(|_, counters| {
+            counters.retain_mut(|(_, counter)| {
+                counter.bring_to(now_us);
+                !counter.is_empty()
             });
-            !logs.is_empty()
+            !counters.is_empty()
         });
     }
 }
 
-struct Log {
-    /// The policy's window as of its latest decision (a reload may change
-    /// it; the new one applies to the admissions already logged).
-    window_us: u64,
-    admissions: VecDeque<u64>,
+enum Counter {
+    /// `sliding_log`. `window_us` is the policy's window as of its latest
+    /// decision: a reload may change it, and the new one applies to the
+    /// admissions already logged.
+    Log { window_us: u64, admissions: VecDeque<u64> },
+    /// `sliding_window`: the fixed window starting at `start_us` and the one
+    /// before it. A new `window_s` starts the counts over.
+    Window {
+        window_us: u64,
+        start_us: u64,
+        current: u64,
+        previous: u64,
+    },
 }
 
-impl Log {
-    fn prune(&mut self, now_us: u64) {
-        while self.admissions.front().is_some_and(|&at| at + self.window_us <= now_us) {
-            self.admissions.pop_front();
+impl Counter {
+    fn new(policy: &Policy) -> Self {
+        match policy.algorithm {
+            LimitAlgorithm::SlidingLog => Self::Log {
+                window_us: policy.window_us(),
+                admissions: VecDeque::new(),
+            },
+            LimitAlgorithm::SlidingWindow => Self::Window {
+                window_us: policy.window_us(),
+                start_us: 0,
+                current: 0,
+                previous: 0,
+            },
+        }
+    }
+
+    /// Adopts the policy as configured now: its window, or a fresh counter
+    /// when a reload changed how it counts.
+    fn follow(&mut self, policy: &Policy) {
+        match (&mut *self, policy.algorithm) {
+            (Self::Log { window_us, .. }, LimitAlgorithm::SlidingLog) => *window_us = policy.window_us(),
+            (Self::Window { window_us, .. }, LimitAlgorithm::SlidingWindow) if *window_us == policy.window_us() => {}
+            _ => *self = Self::new(policy),
+        }
+    }
+
+    /// Drops what has left the window as of `now_us`.
+    fn bring_to(&mut self, now_us: u64) {
+        match self {
+            Self::Log { window_us, admissions } => {
+                while admissions.front().is_some_and(|&at| at + *window_us <= now_us) {
+                    admissions.pop_front();
+                }
+            }
+            Self::Window {
+                window_us,
+                start_us,
+                current,
+                previous,
+            } => {
+                let window = (*window_us).max(1);
+                let start = now_us - now_us % window;
+                if *start_us == start {
+                    return;
+                }
+                *previous = if *start_us + window == start { *current } else { 0 };
+                *current = 0;
+                *start_us = start;
+            }
+        }
+    }
+
+    fn tally(&self, now_us: u64) -> Tally {
+        match self {
+            Self::Log { admissions, .. } => Tally::Log {
+                count: admissions.len() as u64,
+                oldest_us: admissions.front().copied().unwrap_or(now_us),
+            },
+            Self::Window { current, previous, .. } => Tally::Window {
+                current: *current,
+                previous: *previous,
+            },
+        }
+    }
+
+    fn record(&mut self, now_us: u64) {
+        match self {
+            Self::Log { admissions, .. } => admissions.push_back(now_us),
+            Self::Window { current, .. } => *current += 1,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Self::Log { admissions, .. } => admissions.is_empty(),
+            Self::Window { current, previous, .. } => *current == 0 && *previous == 0,
         }
     }
 }
@@ -109,63 +191,53 @@ impl MemoryStore {
                 .clients
                 .insert(client.to_owned(), Vec::with_capacity(policies.len()));
         }
-        let logs = shard.clients.get_mut(client).expect("inserted above");
+        let counters = shard.clients.get_mut(client).expect("inserted above");
 
         let mut positions = Vec::with_capacity(policies.len());
-        let mut counts = Vec::with_capacity(policies.len());
+        let mut admitted = true;
         for (_, policy) in policies {
-            let position = match logs.iter().position(|(held, _)| **held == *policy.name) {
+            let position = match counters.iter().position(|(held, _)| **held == *policy.name) {
                 Some(position) => position,
                 None => {
-                    logs.push((
-                        policy.name.clone(),
-                        Log {
-                            window_us: policy.window_us(),
-                            admissions: VecDeque::new(),
-                        },
-                    ));
-                    logs.len() - 1
+                    counters.push((policy.name.clone(), Counter::new(policy)));
+                    counters.len() - 1
                 }
             };
-            let log = &mut logs[position].1;
-            log.window_us = policy.window_us();
-            log.prune(now_us);
+            let counter = &mut counters[position].1;
+            counter.follow(policy);
+            counter.bring_to(now_us);
+            admitted &= policy.admits(counter.tally(now_us), now_us);
             positions.push(position);
-            counts.push(log.admissions.len() as u64);
         }
-        let admitted = policies
-            .iter()
-            .zip(&counts)
-            .all(|((_, policy), &count)| count < policy.max);
-        let mut oldest = Vec::with_capacity(policies.len());
-        for (&position, count) in positions.iter().zip(counts.iter_mut()) {
-            let log = &mut logs[position].1;
+        let mut tallies = Vec::with_capacity(policies.len());
+        for &position in &positions {
+            let counter = &mut counters[position].1;
             if admitted {
-                log.admissions.push_back(now_us);
-                *count += 1;
+                counter.record(now_us);
             }
-            oldest.push(log.admissions.front().copied().unwrap_or(now_us));
+            tallies.push(counter.tally(now_us));
         }
-        if logs.iter().all(|(_, log)| log.admissions.is_empty()) {
+        if counters.iter().all(|(_, counter)| counter.is_empty()) {
             // Nothing is held for this client (a refusal records nothing).
             shard.clients.remove(client);
         }
-        verdict_from_counts(policies, admitted, now_us, &counts, &oldest)
+        verdict_from_tallies(policies, admitted, now_us, &tallies)
     }
 
-    /// Drops the logs of every policy not named in `kept` (a reload removed
-    /// them), so a policy added back later under the same name starts empty.
+    /// Drops the counts of every policy not named in `kept` (a reload
+    /// removed them), so a policy added back later under the same name starts
+    /// empty.
     pub fn retain_policies(&self, kept: &[&str]) {
         for shard in &self.shards {
             let mut shard = lock(shard);
-            shard.clients.retain(|_, logs| {
-                logs.retain(|(name, _)| kept.contains(&&**name));
-                !logs.is_empty()
+            shard.clients.retain(|_, counters| {
+                counters.retain(|(name, _)| kept.contains(&&**name));
+                !counters.is_empty()
             });
         }
     }
 
-    /// Clients with admissions held, across shards.
+    /// Clients with counts held, across shards.
     pub fn tracked_clients(&self) -> usize {
         self.shards.iter().map(|shard| lock(shard).clients.len()).sum()
     }
