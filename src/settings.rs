@@ -289,7 +289,7 @@ pub struct PolicySettings {
 
 /// How a policy counts (SPEC §4, §12).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum LimitAlgorithm {
     /// Every admission's time, per key: exact, memory grows with `max`.
     #[default]
@@ -297,6 +297,20 @@ pub enum LimitAlgorithm {
     /// Two fixed-window counters per key, the previous one weighted by its
     /// overlap with the sliding window: constant memory, approximate.
     SlidingWindow,
+}
+
+impl TryFrom<String> for LimitAlgorithm {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        match name.as_str() {
+            "sliding_log" => Ok(Self::SlidingLog),
+            "sliding_window" => Ok(Self::SlidingWindow),
+            _ => Err(format!(
+                "unknown algorithm {name:?}; expected \"sliding_log\" or \"sliding_window\""
+            )),
+        }
+    }
 }
 
 /// Above this `max`, a `sliding_log` policy's memory per client is worth a
@@ -1385,6 +1399,22 @@ service = "user"
                 "rate_limit.redis_url: must be a redis://",
             ),
             (
+                "[rate_limit]\nredis_cluster = [\"redis://127.0.0.1:7000\", \"http://x\"]",
+                "rate_limit.redis_cluster[1]: must be a redis:// or rediss:// URL with a host",
+            ),
+            (
+                "[rate_limit]\nredis_cluster = [\"redis://127.0.0.1:7000/2\"]",
+                "rate_limit.redis_cluster[0]: a cluster has only database 0",
+            ),
+            (
+                "[rate_limit]\nredis_cluster = [\"redis://127.0.0.1:7000\", \"rediss://127.0.0.1:7001\"]",
+                "rate_limit.redis_cluster: mixes redis:// and rediss://",
+            ),
+            (
+                "[rate_limit.policies.p]\nwindow_s = 1\nmax = 1\nalgorithm = \"leaky\"",
+                "rate_limit.policies.p.algorithm: unknown algorithm \"leaky\"; expected \"sliding_log\" or \"sliding_window\"",
+            ),
+            (
                 "[routes.dup]\nprefix = \"/api/users\"\nservice = \"user\"",
                 "routes.users.prefix: \"/api/users\" is also the prefix of routes.dup",
             ),
@@ -1559,6 +1589,28 @@ service = "user"
                 "health.interval_ms: must be greater than 0 (from the environment variable GATEHOUSE__HEALTH__INTERVAL_MS)",
                 "auth.jwt_secret: must be at least 32 bytes (from the environment variable JWT_SECRET)",
             ]
+        );
+    }
+
+    #[test]
+    fn redis_over_tls_a_cluster_and_sliding_windows_are_accepted() {
+        let settings = settings_with(
+            "[rate_limit]\nredis_url = \"rediss://:pw@redis.example:6380\"\n\
+             redis_cluster = \"rediss://a.example:7000, rediss://b.example:7001\"\n\
+             [rate_limit.policies.big]\nwindow_s = 3600\nmax = 100000\nalgorithm = \"sliding_window\"\n\
+             [rate_limit.policies.huge_log]\nwindow_s = 3600\nmax = 10001",
+        )
+        .expect("valid");
+        let seeds: Vec<&str> = settings.rate_limit.redis_cluster.iter().map(RedisUrl::expose).collect();
+        assert_eq!(seeds, ["rediss://a.example:7000", "rediss://b.example:7001"]);
+        assert_eq!(
+            settings.rate_limit.policies["big"].algorithm,
+            LimitAlgorithm::SlidingWindow
+        );
+        assert_eq!(
+            settings.large_sliding_logs(),
+            [("huge_log", 10_001)],
+            "only the log is warned about"
         );
     }
 

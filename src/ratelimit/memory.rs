@@ -326,4 +326,143 @@ mod tests {
         }
         assert!(store.tracked_clients() <= 7, "{} logs left", store.tracked_clients());
     }
+
+    fn window_policy(window_s: u64, max: u64) -> Policy {
+        Policy::new("w", window_s, max, PolicyKey::Ip, "m").counted_by(LimitAlgorithm::SlidingWindow)
+    }
+
+    #[test]
+    fn a_sliding_window_admits_max_in_a_burst_then_frees_slots_as_the_previous_window_fades() {
+        let store = MemoryStore::new();
+        let policy = window_policy(10, 4);
+        let policies = [(0, &policy)];
+        // Window [10 s, 20 s): four admitted at 12 s, the fifth refused.
+        for expected_remaining in [3, 2, 1, 0] {
+            let verdict = store.check_at("c", &policies, 12 * SECOND);
+            assert!(verdict.admitted);
+            assert_eq!(verdict.states[0].remaining, expected_remaining);
+        }
+        let refused = store.check_at("c", &policies, 12 * SECOND);
+        assert!(!refused.admitted);
+        // After 20 s the four weigh 4 × (1 - elapsed/10 s): below 3 from 22.5 s.
+        assert_eq!(refused.states[0].reset_s, 11, "one slot frees at 22.5 s");
+        assert!(!store.check_at("c", &policies, 22 * SECOND).admitted);
+        let admitted = store.check_at("c", &policies, 22 * SECOND + SECOND / 2);
+        assert!(admitted.admitted);
+        assert_eq!(admitted.states[0].remaining, 0);
+        // A window with nothing before it starts empty.
+        assert!(store.check_at("c", &policies, 45 * SECOND).states[0].remaining == 3);
+    }
+
+    #[test]
+    fn a_policy_whose_algorithm_changes_on_reload_starts_over() {
+        let store = MemoryStore::new();
+        let log = Policy::new("p", 10, 2, PolicyKey::Ip, "m");
+        let window = Policy::new("p", 10, 2, PolicyKey::Ip, "m").counted_by(LimitAlgorithm::SlidingWindow);
+        store.check_at("c", &[(0, &log)], SECOND);
+        store.check_at("c", &[(0, &log)], SECOND);
+        assert!(!store.check_at("c", &[(0, &log)], SECOND).admitted);
+        assert!(store.check_at("c", &[(0, &window)], 2 * SECOND).admitted);
+    }
+
+    /// A fixed bursty trace (seeded): steady background traffic at half the
+    /// limit plus, in three windows out of ten, a burst of 50 to 400 requests
+    /// within a few seconds at a random point, often across a window edge.
+    fn bursty_trace(window_us: u64, max: u64, windows: u64) -> Vec<u64> {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut times = Vec::new();
+        for window in 0..windows {
+            let start = window * window_us;
+            for _ in 0..max / 2 {
+                times.push(start + next() % window_us);
+            }
+            if next() % 10 < 3 {
+                let at = start + next() % window_us;
+                let spread = SECOND + next() % (4 * SECOND);
+                for _ in 0..50 + next() % 351 {
+                    times.push(at + next() % spread);
+                }
+            }
+        }
+        times.sort_unstable();
+        times
+    }
+
+    /// Replays `trace` through a sliding window and judges each decision
+    /// against the exact rule applied to the window's own admissions:
+    /// (over-admissions, under-admissions, admissions, largest count in any
+    /// window).
+    fn judge_sliding_window(trace: &[u64], window_s: u64, max: u64) -> (u64, u64, u64, u64) {
+        let store = MemoryStore::new();
+        let policy = window_policy(window_s, max);
+        let window_us = window_s * SECOND;
+        let mut admitted: VecDeque<u64> = VecDeque::new();
+        let (mut over, mut under, mut total, mut largest) = (0, 0, 0, 0);
+        for &at in trace {
+            while admitted.front().is_some_and(|&t| t + window_us <= at + 1) {
+                admitted.pop_front();
+            }
+            let exact_would_admit = (admitted.len() as u64) < max;
+            if store.check_at("c", &[(0, &policy)], at + 1).admitted {
+                total += 1;
+                over += u64::from(!exact_would_admit);
+                admitted.push_back(at + 1);
+                largest = largest.max(admitted.len() as u64);
+            } else {
+                under += u64::from(exact_would_admit);
+            }
+        }
+        (over, under, total, largest)
+    }
+
+    #[test]
+    fn a_sliding_window_stays_near_the_exact_log_on_a_bursty_trace() {
+        let (window_s, max) = (60, 100);
+        let trace = bursty_trace(window_s * SECOND, max, 200);
+        let (over, under, admitted, largest) = judge_sliding_window(&trace, window_s, max);
+        let log = MemoryStore::new();
+        let log_policy = Policy::new("l", window_s, max, PolicyKey::Ip, "m");
+        let by_log = trace
+            .iter()
+            .filter(|&&at| log.check_at("c", &[(0, &log_policy)], at + 1).admitted)
+            .count();
+        eprintln!(
+            "bursty trace: {} requests over 200 windows of {window_s} s, max {max}: \
+             log admitted {by_log}, sliding window {admitted}; \
+             over-admissions {over} ({:.2} %), under-admissions {under} ({:.2} %), \
+             largest count in any {window_s} s: {largest} ({:+.1} % of max)",
+            trace.len(),
+            100.0 * over as f64 / admitted as f64,
+            100.0 * under as f64 / trace.len() as f64,
+            (largest as f64 / max as f64 - 1.0) * 100.0,
+        );
+        // The bound the README states for this trace.
+        assert!(largest * 100 <= max * 135, "{largest} admissions within one window");
+        assert!(
+            over * 100 <= admitted * 7,
+            "{over} of {admitted} admissions over the exact limit"
+        );
+    }
+
+    #[test]
+    fn a_burst_at_the_end_of_a_window_is_the_sliding_windows_worst_case() {
+        // max at the very end of one window, then one request every 10 ms:
+        // the previous window is weighted as if spread evenly, so the next
+        // window admits in proportion to the time elapsed while the burst is
+        // still inside the sliding window.
+        let (window_s, max) = (10, 100);
+        // (`judge_sliding_window` decides at `at + 1`.)
+        let mut trace: Vec<u64> = (0..max).map(|_| 10 * SECOND - 2).collect();
+        trace.extend((1..1000).map(|step| 10 * SECOND + step * 10_000));
+        let (_, _, _, largest) = judge_sliding_window(&trace, window_s, max);
+        eprintln!("adversarial trace: largest count in any {window_s} s: {largest} for max {max}");
+        assert!(largest < 2 * max, "never twice max");
+        assert!(largest > max + max / 2, "the worst case is well above max: {largest}");
+    }
 }
