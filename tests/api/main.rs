@@ -12,6 +12,7 @@ mod jwks;
 mod metrics;
 mod process;
 mod rate_limits;
+mod redis_nodes;
 mod reload;
 mod routing;
 mod tls;
