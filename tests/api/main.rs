@@ -15,6 +15,7 @@ mod rate_limits;
 mod redis_nodes;
 mod reload;
 mod routing;
+mod scale_out;
 mod tls;
 mod upstream_responses;
 mod websocket;

@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -32,15 +32,28 @@ const START_LIMIT: Duration = Duration::from_secs(20);
 /// Between two looks at a node that is starting or failing over.
 const POLL: Duration = Duration::from_millis(20);
 
-/// `redis-cli args…`, its trimmed output; panics when redis-cli fails.
-fn redis_cli(args: &[String]) -> String {
-    let output = Command::new("redis-cli")
+/// `redis-cli args…` (over TLS, trusting the CA in `pki`, when given): its
+/// trimmed output, or `None` when redis-cli failed.
+fn try_redis_cli(pki: Option<&Path>, args: &[String]) -> Option<String> {
+    let mut command = Command::new("redis-cli");
+    if let Some(pki) = pki {
+        command.arg("--tls").arg("--cacert").arg(pki.join(CA_FILE));
+    }
+    let output = command
         .args(args)
         .stdin(Stdio::null())
+        .stderr(Stdio::null())
         .output()
         .expect("redis-cli is installed");
-    assert!(output.status.success(), "redis-cli {args:?}: {output:?}");
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// [`try_redis_cli`] that panics when redis-cli fails.
+fn redis_cli(pki: Option<&Path>, args: &[String]) -> String {
+    try_redis_cli(pki, args).unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -149,8 +162,9 @@ struct ClusterNode {
 impl ClusterNode {
     /// Starts on a free port whose cluster bus port (port + 10000) is free
     /// too, and waits until it answers PING; tries other ports when one was
-    /// taken in between.
-    fn start() -> Self {
+    /// taken in between. With `pki`, clients, replicas and the cluster bus
+    /// all speak TLS only, with the certificate in `pki`.
+    fn start(pki: Option<&Path>) -> Self {
         for _ in 0..10 {
             let port = free_port();
             // The bus port must be a port, and free.
@@ -158,8 +172,16 @@ impl ClusterNode {
                 continue;
             }
             let dir = tempfile::tempdir().unwrap();
-            let mut child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            let mut command = Command::new("redis-server");
+            match pki {
+                None => command.args(["--port", &port.to_string()]),
+                Some(pki) => command
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                    .args(tls_server_args(pki)),
+            };
+            let mut child = command
+                .args(["--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
                 .args(["--cluster-node-timeout", "1000"])
                 // A replica takes over however long its link was down: a
@@ -177,8 +199,13 @@ impl ClusterNode {
                 .spawn()
                 .expect("redis-server is installed");
             let deadline = Instant::now() + START_LIMIT;
+            let ping = strings(&["-p", &port.to_string(), "ping"]);
             loop {
-                if answers_ping(port) {
+                let answers = match pki {
+                    None => answers_ping(port),
+                    Some(_) => try_redis_cli(pki, &ping).as_deref() == Some("PONG"),
+                };
+                if answers {
                     return Self {
                         port,
                         child: Mutex::new(Some(child)),
@@ -212,6 +239,8 @@ impl ClusterNode {
 /// (`cluster-node-timeout 1000`). Every node is killed when it is dropped.
 pub struct RedisCluster {
     nodes: Vec<ClusterNode>,
+    /// The certificates of a cluster that speaks TLS.
+    pki: Option<tempfile::TempDir>,
 }
 
 /// The cluster the tests running at the same time share; see [`RedisCluster::shared`].
@@ -222,17 +251,28 @@ impl RedisCluster {
     /// reports `cluster_state:ok`, every replica is in sync with its master,
     /// and all nodes agree on who serves which slots.
     pub fn start(masters: usize, replicas_per_master: usize) -> Self {
+        Self::start_with(masters, replicas_per_master, None)
+    }
+
+    /// A cluster of `masters` masters that speaks only TLS (`rediss://`),
+    /// clients, replication and cluster bus alike, with a certificate for
+    /// `127.0.0.1` from a CA made for it ([`Self::ca_pem_path`]).
+    pub fn start_tls(masters: usize) -> Self {
+        Self::start_with(masters, 0, Some(new_test_pki()))
+    }
+
+    fn start_with(masters: usize, replicas_per_master: usize, pki: Option<tempfile::TempDir>) -> Self {
         assert!(masters >= 3, "a Redis Cluster needs three masters at least");
         let nodes = (0..masters * (1 + replicas_per_master))
-            .map(|_| ClusterNode::start())
+            .map(|_| ClusterNode::start(pki.as_ref().map(|pki| pki.path())))
             .collect();
-        let cluster = Self { nodes };
+        let cluster = Self { nodes, pki };
         let mut create = vec!["--cluster".to_owned(), "create".to_owned()];
         create.extend(cluster.nodes.iter().map(|node| format!("127.0.0.1:{}", node.port)));
         create.extend(strings(&["--cluster-replicas"]));
         create.push(replicas_per_master.to_string());
         create.push("--cluster-yes".to_owned());
-        let created = redis_cli(&create);
+        let created = cluster.redis_cli(&create);
         assert!(
             created.contains("All 16384 slots covered"),
             "redis-cli --cluster create: {created}"
@@ -259,12 +299,23 @@ impl RedisCluster {
         cluster
     }
 
-    /// `redis://127.0.0.1:<port>` of every node, for `rate_limit.redis_cluster`.
+    /// `redis://127.0.0.1:<port>` of every node (`rediss://` over TLS),
+    /// for `rate_limit.redis_cluster`.
     pub fn seed_urls(&self) -> Vec<String> {
+        let scheme = if self.pki.is_some() { "rediss" } else { "redis" };
         self.nodes
             .iter()
-            .map(|node| format!("redis://127.0.0.1:{}", node.port))
+            .map(|node| format!("{scheme}://127.0.0.1:{}", node.port))
             .collect()
+    }
+
+    /// The PEM file of the CA that signed a TLS cluster's certificate.
+    pub fn ca_pem_path(&self) -> PathBuf {
+        self.pki.as_ref().expect("a TLS cluster").path().join(CA_FILE)
+    }
+
+    fn redis_cli(&self, args: &[String]) -> String {
+        redis_cli(self.pki.as_ref().map(|pki| pki.path()), args)
     }
 
     /// [`Self::seed_urls`] as a TOML array.
@@ -286,7 +337,7 @@ impl RedisCluster {
     pub fn cli(&self, port: u16, args: &[&str]) -> String {
         let mut all = vec!["-p".to_owned(), port.to_string()];
         all.extend(strings(args));
-        redis_cli(&all)
+        self.redis_cli(&all)
     }
 
     /// `CLUSTER NODES` as the live node `port` sees it.
@@ -424,9 +475,10 @@ impl RedisCluster {
             {
                 return false;
             }
-            let mut summary: Vec<(u16, bool, Vec<(u16, u16)>)> = view
+            // Who is there, who is a master, which slots each serves.
+            let mut summary: Vec<String> = view
                 .into_iter()
-                .map(|node| (node.port, node.master, node.slots))
+                .map(|node| format!("{} {} {:?}", node.port, node.master, node.slots))
                 .collect();
             summary.sort();
             views.insert(summary);
@@ -491,7 +543,8 @@ pub struct TlsRedis {
     pub port: u16,
     password: Option<String>,
     child: Option<Child>,
-    dir: tempfile::TempDir,
+    /// Its certificates, and its working folder.
+    pki: tempfile::TempDir,
 }
 
 impl TlsRedis {
@@ -506,51 +559,41 @@ impl TlsRedis {
     }
 
     fn spawn(password: Option<String>) -> Self {
-        let mut dir = tempfile::tempdir().unwrap();
-        write_test_pki(&dir);
+        let pki = new_test_pki();
         for _ in 0..5 {
             let port = free_port();
             let mut command = Command::new("redis-server");
             command
                 .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
-                .arg("--tls-cert-file")
-                .arg(dir.path().join("redis.crt"))
-                .arg("--tls-key-file")
-                .arg(dir.path().join("redis.key"))
-                .arg("--tls-ca-cert-file")
-                .arg(dir.path().join("ca.crt"))
-                .args(["--tls-auth-clients", "no", "--save", "", "--appendonly", "no"])
+                .args(tls_server_args(pki.path()))
+                .args(["--save", "", "--appendonly", "no"])
                 .arg("--dir")
-                .arg(dir.path());
+                .arg(pki.path());
             if let Some(password) = &password {
                 command.args(["--requirepass", password]);
             }
-            let child = command
+            let mut child = command
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("redis-server is installed");
-            let mut server = Self {
-                port,
-                password: password.clone(),
-                child: Some(child),
-                dir,
-            };
             let deadline = Instant::now() + START_LIMIT;
             loop {
-                if server.try_cli(&["ping"]).as_deref() == Some("PONG") {
-                    return server;
+                if tls_cli(pki.path(), port, password.as_deref(), &["ping"]).as_deref() == Some("PONG") {
+                    return Self {
+                        port,
+                        password,
+                        child: Some(child),
+                        pki,
+                    };
                 }
-                let exited = server.child.as_mut().unwrap().try_wait().unwrap().is_some();
-                if exited || Instant::now() > deadline {
+                if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                    kill(child);
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            server.kill();
-            // The folder (and the certificates in it) go on to the next port.
-            dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
         }
         panic!("a TLS redis-server did not start (is redis-server built with TLS?)");
     }
@@ -568,37 +611,13 @@ impl TlsRedis {
 
     /// The PEM file of the CA that signed the server's certificate.
     pub fn ca_pem_path(&self) -> PathBuf {
-        self.dir.path().join("ca.crt")
+        self.pki.path().join(CA_FILE)
     }
 
-    /// `redis-cli --tls --cacert <CA> -p <port> args…` (with the password,
-    /// if any): its trimmed output, or `None` when redis-cli failed.
-    fn try_cli(&self, args: &[&str]) -> Option<String> {
-        let mut command = Command::new("redis-cli");
-        command.args(["--tls", "--cacert"]).arg(self.ca_pem_path()).args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-        ]);
-        if let Some(password) = &self.password {
-            command.env("REDISCLI_AUTH", password);
-        }
-        let output = command
-            .args(args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .expect("redis-cli is installed");
-        output
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    }
-
-    /// `redis-cli` over TLS, its output trimmed; panics when it fails.
+    /// `redis-cli` over TLS (with the password, if any), its output
+    /// trimmed; panics when it fails.
     pub fn cli(&self, args: &[&str]) -> String {
-        self.try_cli(args)
+        tls_cli(self.pki.path(), self.port, self.password.as_deref(), args)
             .unwrap_or_else(|| panic!("redis-cli --tls {args:?} failed on port {}", self.port))
     }
 
@@ -627,9 +646,54 @@ impl Drop for TlsRedis {
     }
 }
 
-/// Writes `ca.crt`, and `redis.crt` / `redis.key` for `127.0.0.1` and
-/// `localhost` signed by it, into `dir`.
-fn write_test_pki(dir: &tempfile::TempDir) {
+/// `redis-cli --tls -p <port> args…` trusting the CA in `pki`, with
+/// `password` (through the environment, where `ps` does not show it).
+fn tls_cli(pki: &Path, port: u16, password: Option<&str>, args: &[&str]) -> Option<String> {
+    let mut command = Command::new("redis-cli");
+    command
+        .arg("--tls")
+        .arg("--cacert")
+        .arg(pki.join(CA_FILE))
+        .args(["-p", &port.to_string()]);
+    if let Some(password) = password {
+        command.env("REDISCLI_AUTH", password);
+    }
+    let output = command
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .expect("redis-cli is installed");
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// The files of [`new_test_pki`].
+const CA_FILE: &str = "ca.crt";
+const CERT_FILE: &str = "redis.crt";
+const KEY_FILE: &str = "redis.key";
+
+/// The `redis-server` arguments for TLS with the certificate in `pki`;
+/// clients need no certificate of their own.
+fn tls_server_args(pki: &Path) -> Vec<std::ffi::OsString> {
+    let file = |name: &str| pki.join(name).into_os_string();
+    vec![
+        "--tls-cert-file".into(),
+        file(CERT_FILE),
+        "--tls-key-file".into(),
+        file(KEY_FILE),
+        "--tls-ca-cert-file".into(),
+        file(CA_FILE),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ]
+}
+
+/// A folder with a CA made now ([`CA_FILE`]), and a certificate and key for
+/// `127.0.0.1` and `localhost` signed by it ([`CERT_FILE`], [`KEY_FILE`]).
+fn new_test_pki() -> tempfile::TempDir {
     let mut ca_params = CertificateParams::default();
     ca_params.distinguished_name = DistinguishedName::new();
     ca_params
@@ -644,13 +708,16 @@ fn write_test_pki(dir: &tempfile::TempDir) {
     let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
     params.distinguished_name = DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, "localhost");
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    // The nodes of a TLS cluster present it to each other as clients too.
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
     let key = KeyPair::generate().unwrap();
     let certificate = params.signed_by(&key, &issuer).unwrap();
 
-    std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
-    std::fs::write(dir.path().join("redis.crt"), certificate.pem()).unwrap();
-    std::fs::write(dir.path().join("redis.key"), key.serialize_pem()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(CA_FILE), ca.pem()).unwrap();
+    std::fs::write(dir.path().join(CERT_FILE), certificate.pem()).unwrap();
+    std::fs::write(dir.path().join(KEY_FILE), key.serialize_pem()).unwrap();
+    dir
 }
