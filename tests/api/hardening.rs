@@ -517,11 +517,11 @@ async fn redis_retry_after_waits_for_every_exhausted_policy() {
 }
 
 // ---------------------------------------------------------------------------
-// 9. rediss:// is refused at validation
+// 9. rediss:// is a valid Redis URL; other schemes are refused at validation
 // ---------------------------------------------------------------------------
 
 #[test]
-fn check_config_refuses_a_rediss_url_naming_rate_limit_redis_url() {
+fn check_config_accepts_a_rediss_url_and_refuses_another_scheme_naming_rate_limit_redis_url() {
     let dir = settings_dir(&format!(
         "[server]\nlisten = \"127.0.0.1:{}\"\nworkers = 1\n\
          [rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6380\"\n\
@@ -530,21 +530,21 @@ fn check_config_refuses_a_rediss_url_naming_rate_limit_redis_url() {
         free_port()
     ));
 
-    let run = run_gatehouse(dir.path(), Some("test"), &[], &["check-config"]);
-    assert_eq!(
-        run.code,
-        Some(0),
-        "the same config over redis:// is valid: {}",
-        run.stderr
-    );
-
-    let Finished { code, stdout, stderr } = run_gatehouse(
+    let run = run_gatehouse(
         dir.path(),
         Some("test"),
         &[("GATEHOUSE__RATE_LIMIT__REDIS_URL", "rediss://127.0.0.1:6380")],
         &["check-config"],
     );
-    assert_eq!(code, Some(1), "rediss:// accepted; stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(run.code, Some(0), "rediss:// (TLS) is valid: {}", run.stderr);
+
+    let Finished { code, stdout, stderr } = run_gatehouse(
+        dir.path(),
+        Some("test"),
+        &[("GATEHOUSE__RATE_LIMIT__REDIS_URL", "https://127.0.0.1:6380")],
+        &["check-config"],
+    );
+    assert_eq!(code, Some(1), "https:// accepted; stdout: {stdout}\nstderr: {stderr}");
     assert!(
         stderr.contains("rate_limit.redis_url"),
         "the message names the key: {stderr}"
