@@ -665,3 +665,72 @@ fn cluster_a_sliding_window_policy_admits_max_in_a_burst_then_429() {
     }
     assert_eq!(upstream.hits(), 15);
 }
+
+// ---------------------------------------------------------------------------
+// 5. Reloads
+// ---------------------------------------------------------------------------
+
+/// SPEC §7: `rate_limit.redis_cluster` needs a restart; a reload that sets
+/// it applies the rest and keeps counting where it counted.
+#[actix_web::test]
+async fn a_reload_that_sets_redis_cluster_keeps_counting_on_the_running_redis() {
+    let prefix = "scale-reload";
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("app");
+    let policies = "[rate_limit.policies.p]\nwindow_s = 60\nmax = 3\n";
+    let on_node = format!(
+        "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"{prefix}\"\non_backend_error = \"deny\"\n",
+        redis.url()
+    );
+    let gateway = behind_a_proxy().start(&limited_route(&on_node, policies, "p", &upstream));
+    assert_eq!(get_as_client(gateway.address, "/limited", "203.0.113.20").status, 200);
+
+    let on_a_cluster = format!(
+        "{on_node}redis_cluster = [\"{}\"]\n",
+        closed_port_url().replace("http://", "redis://")
+    );
+    std::fs::write(
+        gateway.settings_file(),
+        gateway.config_text(&limited_route(&on_a_cluster, policies, "p", &upstream)),
+    )
+    .unwrap();
+    assert_eq!(gateway.reload().await, Ok(2), "the rest of the file applies");
+
+    assert_eq!(get_as_client(gateway.address, "/limited", "203.0.113.20").status, 200);
+    assert_eq!(
+        redis.cli(&["zcard", &key(prefix, "203.0.113.20", "p")]),
+        "2",
+        "both decisions were made on the running Redis"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 6. Start-up
+// ---------------------------------------------------------------------------
+
+/// SPEC §12: a `sliding_log` policy with `max` above 10 000 is worth a
+/// warning that suggests `sliding_window`; a window policy is not.
+#[test]
+fn a_sliding_log_with_a_large_max_is_warned_about_at_start_up() {
+    let upstream = Upstream::start("app");
+    let policies = "[rate_limit.policies.hourly_log]\nwindow_s = 3600\nmax = 20000\n\
+                    [rate_limit.policies.hourly_window]\nwindow_s = 3600\nmax = 100000\nalgorithm = \"sliding_window\"\n";
+    let mut gateway = GatewayProcess::builder().workers(1).start(&limited_route(
+        "backend = \"memory\"",
+        policies,
+        "hourly_log",
+        &upstream,
+    ));
+    let log = gateway.stop_and_read_log();
+    let warnings: Vec<&str> = log.lines().filter(|line| line.contains("WARN")).collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|line| line.contains("rate_limit.policies.hourly_log") && line.contains("sliding_window")),
+        "a warning names the policy and suggests sliding_window:\n{log}"
+    );
+    assert!(
+        !warnings.iter().any(|line| line.contains("hourly_window")),
+        "no warning for the window policy:\n{log}"
+    );
+}
