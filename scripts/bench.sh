@@ -51,7 +51,7 @@ if ! need wrk || ! need nginx || ! need redis-server || ! need python3 || ! need
   || ! need openssl || ! need h2load || ! need cc || ! need redis-cli; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx redis-server python3 procps util-linux \
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx redis-server python3 procps util-linux \
     openssl nghttp2-client gcc libc6-dev redis-tools
 fi
 
