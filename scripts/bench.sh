@@ -30,6 +30,13 @@
 # new TCP connection and a full TLS handshake: nginx keeps no session cache
 # and sends no tickets, and wrk is kept from offering the previous session
 # (a small LD_PRELOAD shim drops it on SSL_clear), so neither side resumes.
+#
+# Redis (the "limit:" rows, 64 connections): JWT + a Redis-limited route with
+# 64 users in turn (a wrk script rotates their tokens, so the keys spread
+# over the slots), on one Redis node and on a Redis Cluster of three masters
+# (a second gatehouse with `rate_limit.redis_cluster`), with `sliding_log`
+# and `sliding_window` policies. Redis CPU per decision is summed over every
+# Redis process (the node and the cluster's masters, idle ones included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,11 +48,11 @@ HANDSHAKE_CONNS=16
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || ! need nginx || ! need redis-server || ! need python3 || ! need pgrep || ! need taskset \
-  || ! need openssl || ! need h2load || ! need cc; then
+  || ! need openssl || ! need h2load || ! need cc || ! need redis-cli; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx redis-server python3 procps util-linux \
-    openssl nghttp2-client gcc libc6-dev
+    openssl nghttp2-client gcc libc6-dev redis-tools
 fi
 
 CPUS=$(nproc)
@@ -73,7 +80,12 @@ wait_port() { for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/nul
 
 UP1=$(free_port); UP2=$(free_port); NGINX_PROXY=$(free_port); NGINX_EQUAL=$(free_port); REDIS=$(free_port)
 GATEHOUSE=$(free_port); GATEHOUSE_NO_METRICS=$(free_port); GATEHOUSE_INFO_LOG=$(free_port); BASELINE_PORT=$(free_port)
-NGINX_TLS=$(free_port); GATEHOUSE_TLS=$(free_port)
+NGINX_TLS=$(free_port); GATEHOUSE_TLS=$(free_port); GATEHOUSE_CLUSTER=$(free_port)
+CLUSTER_PORTS=(); while [ ${#CLUSTER_PORTS[@]} -lt 3 ]; do
+  port=$(free_port)
+  # A cluster node also listens on its port + 10000 (the cluster bus).
+  [ "$port" -lt 55000 ] && ! (echo >"/dev/tcp/127.0.0.1/$((port + 10000))") 2>/dev/null && CLUSTER_PORTS+=("$port")
+done
 head -c 16384 /dev/zero | tr '\0' 'x' >"$WORK/16k.txt"
 chmod 755 "$WORK"; chmod 644 "$WORK/16k.txt"   # nginx workers run unprivileged
 mkdir -p "$WORK/logs"
@@ -185,7 +197,23 @@ taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx-equal-work.conf" -p "$WORK" &
 PIDS+=($!); NGINX_EQUAL_MASTER=$!
 
 taskset -c "$LOAD_CPUS" redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
-PIDS+=($!); REDIS_PID=$!
+PIDS+=($!); REDIS_PIDS=($!)
+# A Redis Cluster of three masters (no replicas: the bench measures decisions).
+for port in "${CLUSTER_PORTS[@]}"; do
+  mkdir -p "$WORK/cluster-$port"
+  taskset -c "$LOAD_CPUS" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+    --cluster-enabled yes --cluster-config-file nodes.conf --dir "$WORK/cluster-$port" >/dev/null &
+  PIDS+=($!); REDIS_PIDS+=($!)
+done
+for port in "${CLUSTER_PORTS[@]}"; do wait_port "$port"; done
+redis-cli --cluster create $(printf '127.0.0.1:%s ' "${CLUSTER_PORTS[@]}") --cluster-yes >/dev/null
+for port in "${CLUSTER_PORTS[@]}"; do
+  for _ in $(seq 100); do
+    redis-cli -p "$port" cluster info | grep -q '^cluster_state:ok' && break
+    sleep 0.1
+  done
+done
+CLUSTER_SEEDS=$(printf 'redis://127.0.0.1:%s,' "${CLUSTER_PORTS[@]}")
 
 SECRET="bench-secret-0123456789abcdef0123456789"
 mkdir -p "$WORK/settings"
@@ -221,23 +249,42 @@ auth = true
 strip_prefix = true
 rate_limit = "bench"
 EOF
+# What a BASELINE build may not know (the policy's algorithm key) is a layer
+# of its own, given to this build's processes only.
+cat >"$WORK/sliding-window.toml" <<EOF
+[rate_limit.policies.bench_window]
+window_s = 1
+max = 1000000000
+key = "user"
+algorithm = "sliding_window"
+[routes.windowed]
+prefix = "/windowed"
+service = "api"
+auth = true
+strip_prefix = true
+rate_limit = "bench_window"
+EOF
 # The gatehouse under test (access log off, as nginx's), plus two variants
 # for the cost of metrics and of the per-request log line at the default
 # level (info, written to a file). The main one also has the TLS listener,
 # given in its environment only (a BASELINE build may not know [server.tls]).
-start_gatehouse() { # port log-level metrics [binary] [TLS port]
-  local tls=()
+start_gatehouse() { # port log-level metrics [binary] [TLS port] [VAR=value…]
+  local tls=() extra=("${@:6}") args=()
   [ -z "${5:-}" ] || tls=(GATEHOUSE__SERVER__TLS__LISTEN="127.0.0.1:$5"
     GATEHOUSE__SERVER__TLS__CERT_FILE="$WORK/cert.pem" GATEHOUSE__SERVER__TLS__KEY_FILE="$WORK/key.pem")
-  env "${tls[@]}" GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench GATEHOUSE_LOG=$2 GATEHOUSE_METRICS=$3 \
-    GATEHOUSE__SERVER__LISTEN="127.0.0.1:$1" taskset -c "$PROXY_CPU" "${4:-./target/release/gatehouse}" \
-    2>>"$WORK/logs/gatehouse-$1.log" &
+  [ -n "${4:-}" ] || args=(--config "$WORK/sliding-window.toml")
+  env "${tls[@]}" "${extra[@]}" GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench GATEHOUSE_LOG=$2 \
+    GATEHOUSE_METRICS=$3 GATEHOUSE__SERVER__LISTEN="127.0.0.1:$1" \
+    taskset -c "$PROXY_CPU" "${4:-./target/release/gatehouse}" "${args[@]}" 2>>"$WORK/logs/gatehouse-$1.log" &
   PIDS+=($!)
 }
 start_gatehouse "$GATEHOUSE" warn on "" "$GATEHOUSE_TLS"; GATEHOUSE_PID=$!
+start_gatehouse "$GATEHOUSE_CLUSTER" warn on "" "" GATEHOUSE__RATE_LIMIT__REDIS_CLUSTER="$CLUSTER_SEEDS"
+CLUSTER_GATEHOUSE_PID=$!
 start_gatehouse "$GATEHOUSE_NO_METRICS" warn off; NO_METRICS_PID=$!
 start_gatehouse "$GATEHOUSE_INFO_LOG" info on; INFO_LOG_PID=$!
 PORTS="$UP1 $UP2 $NGINX_PROXY $NGINX_EQUAL $NGINX_TLS $REDIS $GATEHOUSE $GATEHOUSE_TLS $GATEHOUSE_NO_METRICS $GATEHOUSE_INFO_LOG"
+PORTS="$PORTS $GATEHOUSE_CLUSTER"
 if [ -n "${BASELINE:-}" ]; then
   start_gatehouse "$BASELINE_PORT" warn on "$BASELINE"; BASELINE_PID=$!
   PORTS="$PORTS $BASELINE_PORT"
@@ -246,6 +293,20 @@ for port in $PORTS; do wait_port "$port"; done
 NGINX_PID=$(pgrep -f "nginx: worker process" -P "$(cat "$WORK/nginx-proxy.pid")" | head -1)
 NGINX_EQUAL_PID=$(pgrep -f "nginx: worker process" -P "$NGINX_EQUAL_MASTER" | head -1)
 TOKEN=$(GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench ./target/release/gatehouse token --sub bench --ttl 86400)
+# 64 users' tokens, taken in turn by the "users" runs.
+{
+  echo "local tokens = {"
+  for user in $(seq 64); do
+    printf '  "Bearer %s",\n' "$(GATEHOUSE_SETTINGS_DIR="$WORK/settings" GATEHOUSE_ENV=bench \
+      ./target/release/gatehouse token --sub "user-$user" --ttl 86400)"
+  done
+  echo "}"
+  echo "local next = 0"
+  echo "request = function()"
+  echo "  next = next % #tokens + 1"
+  echo "  return wrk.format(nil, nil, { Authorization = tokens[next] })"
+  echo "end"
+} >"$WORK/users.lua"
 
 # What each TLS listener negotiates with the OpenSSL client (wrk's), and
 # whether it resumes a session when the client offers one (TLS 1.2 session
@@ -265,7 +326,8 @@ TLS_FACTS_NGINX=$(tls_facts "$NGINX_TLS")
 TLS_FACTS_GATEHOUSE=$(tls_facts "$GATEHOUSE_TLS")
 
 # name | url | pid to measure (empty: none) | extra wrk header | tool: "" wrk,
-# h2 h2load, handshake wrk with a new connection (and TLS handshake) a request
+# h2 h2load, handshake wrk with a new connection (and TLS handshake) a
+# request, users wrk with 64 users' tokens in turn
 SCENARIOS=(
   "direct|http://127.0.0.1:$UP1/item||"
   "nginx|http://127.0.0.1:$NGINX_PROXY/item|$NGINX_PID|"
@@ -276,6 +338,10 @@ SCENARIOS=(
   "gatehouse public, info log|http://127.0.0.1:$GATEHOUSE_INFO_LOG/public/item|$INFO_LOG_PID|"
   "gatehouse JWT|http://127.0.0.1:$GATEHOUSE/jwt/item|$GATEHOUSE_PID|Authorization: Bearer $TOKEN"
   "gatehouse JWT+Redis limit|http://127.0.0.1:$GATEHOUSE/limited/item|$GATEHOUSE_PID|Authorization: Bearer $TOKEN"
+  "limit: node, sliding_log|http://127.0.0.1:$GATEHOUSE/limited/item|$GATEHOUSE_PID||users"
+  "limit: node, sliding_window|http://127.0.0.1:$GATEHOUSE/windowed/item|$GATEHOUSE_PID||users"
+  "limit: cluster, sliding_log|http://127.0.0.1:$GATEHOUSE_CLUSTER/limited/item|$CLUSTER_GATEHOUSE_PID||users"
+  "limit: cluster, sliding_window|http://127.0.0.1:$GATEHOUSE_CLUSTER/windowed/item|$CLUSTER_GATEHOUSE_PID||users"
   "direct 16KiB|http://127.0.0.1:$UP1/big||"
   "nginx 16KiB|http://127.0.0.1:$NGINX_PROXY/big|$NGINX_PID|"
   "gatehouse 16KiB|http://127.0.0.1:$GATEHOUSE/public/big|$GATEHOUSE_PID|"
@@ -288,6 +354,7 @@ SCENARIOS=(
 )
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+redis_ticks() { local pid sum=0; for pid in "${REDIS_PIDS[@]}"; do sum=$((sum + $(cpu_ticks "$pid"))); done; echo "$sum"; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 
@@ -302,20 +369,23 @@ run_one() { # round name url pid header connections tool
   if [ "$tool" = h2 ]; then
     "${load[@]}" h2load -t1 -c"$conns" -m"$H2_STREAMS" -D "$WARMUP" "$url" >/dev/null || true
   else
-    "${load[@]}" wrk -t1 -c"$conns" -d"${WARMUP}s" ${header:+-H "$header"} "$url" >/dev/null
+    local script=()
+    [ "$tool" = users ] && script=(-s "$WORK/users.lua")
+    "${load[@]}" wrk -t1 -c"$conns" -d"${WARMUP}s" "${script[@]}" ${header:+-H "$header"} "$url" >/dev/null
   fi
   before=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
-  redis_before=$(cpu_ticks "$REDIS_PID")
+  redis_before=$(redis_ticks)
   if [ "$tool" = h2 ]; then
     : >"$WORK/h2load.log"
     "${load[@]}" h2load -t1 -c"$conns" -m"$H2_STREAMS" -D "$DURATION" --log-file="$WORK/h2load.log" "$url" >"$WORK/out.txt" || true
   else
     local args=(-t1 -c"$conns" -d"${DURATION}s" --latency)
     [ -n "$header" ] && args+=(-H "$header")
+    [ "$tool" = users ] && args+=(-s "$WORK/users.lua")
     "${load[@]}" wrk "${args[@]}" "$url" >"$WORK/out.txt"
   fi
   after=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
-  redis_after=$(cpu_ticks "$REDIS_PID")
+  redis_after=$(redis_ticks)
   python3 - "$round" "$name" "$conns" "$((after - before))" "$(getconf CLK_TCK)" "$RESULTS" "$((redis_after - redis_before))" \
     "$tool" "$WORK" <<'PY'
 import re, statistics, sys
@@ -386,7 +456,7 @@ for round in $(seq "$ROUNDS"); do
       # H2_STREAMS streams on each of the 64 connections; handshakes on 16,
       # which is plenty for handshakes and spares the ephemeral ports).
       case "$name" in *16KiB*) [ "$conns" = 64 ] || continue ;; esac
-      case "$tool" in h2|handshake) [ "$conns" = 64 ] || continue ;; esac
+      case "$tool" in h2|handshake|users) [ "$conns" = 64 ] || continue ;; esac
       [ -z "${ONLY:-}" ] || [[ "$name" =~ $ONLY ]] || continue
       run_conns=$conns; [ "$tool" = handshake ] && run_conns=$HANDSHAKE_CONNS
       echo "round $round/$ROUNDS: $name, $run_conns connections${tool:+ ($tool)}" >&2
@@ -458,6 +528,21 @@ for conns in (64, 256):
     redis_us = med(limited, 5) if limited in rows else float("nan")
     print(f"- c{conns}: JWT CPU/req vs public {ratio(jwt, public, 4):.2f}x; JWT+Redis req/s vs public {ratio(limited, public, 0):.2f}x"
           f" (Redis CPU {redis_us:.1f} µs per decision, on the load CPU)")
+def limit(place, algorithm):
+    return (f"limit: {place}, {algorithm}", 64)
+if limit("node", "sliding_log") in rows and limit("cluster", "sliding_log") in rows:
+    for algorithm in ("sliding_log", "sliding_window"):
+        node, cluster = limit("node", algorithm), limit("cluster", algorithm)
+        print(f"- Redis, {algorithm}, 64 users: cluster req/s {ratio(cluster, node, 0):.2f}x one node's"
+              f" ({med(cluster, 0):.0f} vs {med(node, 0):.0f}; target >= 0.90); Redis CPU per decision"
+              f" {med(cluster, 5):.1f} µs summed over the cluster vs {med(node, 5):.1f} µs on one node;"
+              f" gateway CPU/req {med(cluster, 4):.1f} vs {med(node, 4):.1f} µs")
+    for place in ("node", "cluster"):
+        log, window = limit(place, "sliding_log"), limit(place, "sliding_window")
+        print(f"- Redis, {place}: sliding_window Redis CPU per decision {ratio(window, log, 5):.2f}x the log's"
+              f" ({med(window, 5):.1f} vs {med(log, 5):.1f} µs; target <= 1), req/s {ratio(window, log, 0):.2f}x")
+    print(f"- decisions per second the cluster sustains with the gateway on one core: {med(limit('cluster', 'sliding_log'), 0):.0f}"
+          f" (sliding_log), {med(limit('cluster', 'sliding_window'), 0):.0f} (sliding_window)")
 public, no_metrics, info_log = ("gatehouse public", 64), ("gatehouse public, no metrics", 64), ("gatehouse public, info log", 64)
 for conns in (64, 256):
     baseline = ("baseline public", conns)

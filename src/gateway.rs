@@ -53,9 +53,12 @@ pub fn compile(settings: &Settings) -> Result<Runtime, Vec<String>> {
         None => None,
     };
     if settings.rate_limit.backend == RateLimitBackend::Redis {
-        use deadpool_redis::redis::IntoConnectionInfo;
-        if let Err(err) = settings.rate_limit.redis_url.expose().into_connection_info() {
-            problems.push(format!("rate_limit.redis_url: {err}"));
+        // What building a worker's limiter would refuse (an unparsable URL,
+        // an unreadable CA), refused at start-up and reload instead.
+        if let Err(err) =
+            crate::ratelimit::RateLimiter::new(&settings.rate_limit, &settings.upstream, &Default::default())
+        {
+            problems.push(err);
         }
     }
     match gateway {
@@ -137,7 +140,9 @@ impl Gateway {
             .rate_limit
             .policies
             .iter()
-            .map(|(name, policy)| Policy::new(name, policy.window_s, policy.max, policy.key, &policy.message))
+            .map(|(name, policy)| {
+                Policy::new(name, policy.window_s, policy.max, policy.key, &policy.message).counted_by(policy.algorithm)
+            })
             .collect();
         let global_policy = match settings.rate_limit.global.as_str() {
             "" => None,

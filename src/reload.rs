@@ -249,6 +249,11 @@ fn keep_restart_only_keys(next: &mut Settings, running: &Settings) {
         &mut next.rate_limit.redis_url,
         &running.rate_limit.redis_url,
     );
+    keep(
+        "rate_limit.redis_cluster",
+        &mut next.rate_limit.redis_cluster,
+        &running.rate_limit.redis_cluster,
+    );
 }
 
 fn key_file_contents(settings: &Settings) -> Option<Vec<u8>> {

@@ -11,7 +11,7 @@
 //! value keeps its origin (a file, or the environment variable that set it), and
 //! a problem with a value from the environment names its variable.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -239,6 +239,10 @@ pub enum BackendErrorMode {
 pub struct RateLimitSettings {
     pub backend: RateLimitBackend,
     pub redis_url: RedisUrl,
+    /// Seed nodes of a Redis Cluster (SPEC §12): non-empty = cluster mode,
+    /// `redis_url` unused.
+    #[serde(deserialize_with = "list_or_csv")]
+    pub redis_cluster: Vec<RedisUrl>,
     pub key_prefix: String,
     pub on_backend_error: BackendErrorMode,
     pub redis_timeout_ms: u64,
@@ -252,6 +256,7 @@ impl Default for RateLimitSettings {
         Self {
             backend: RateLimitBackend::Memory,
             redis_url: RedisUrl("redis://127.0.0.1:6379".to_owned()),
+            redis_cluster: Vec::new(),
             key_prefix: "gatehouse:rl".to_owned(),
             on_backend_error: BackendErrorMode::Local,
             redis_timeout_ms: 250,
@@ -278,7 +283,39 @@ pub struct PolicySettings {
     pub key: PolicyKey,
     #[serde(default = "default_policy_message")]
     pub message: String,
+    #[serde(default)]
+    pub algorithm: LimitAlgorithm,
 }
+
+/// How a policy counts (SPEC §4, §12).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", try_from = "String")]
+pub enum LimitAlgorithm {
+    /// Every admission's time, per key: exact, memory grows with `max`.
+    #[default]
+    SlidingLog,
+    /// Two fixed-window counters per key, the previous one weighted by its
+    /// overlap with the sliding window: constant memory, approximate.
+    SlidingWindow,
+}
+
+impl TryFrom<String> for LimitAlgorithm {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        match name.as_str() {
+            "sliding_log" => Ok(Self::SlidingLog),
+            "sliding_window" => Ok(Self::SlidingWindow),
+            _ => Err(format!(
+                "unknown algorithm {name:?}; expected \"sliding_log\" or \"sliding_window\""
+            )),
+        }
+    }
+}
+
+/// Above this `max`, a `sliding_log` policy's memory per client is worth a
+/// start-up warning (SPEC §12).
+pub const LARGE_LOG_MAX: u64 = 10_000;
 
 fn default_policy_key() -> PolicyKey {
     PolicyKey::Ip
@@ -423,6 +460,14 @@ impl RedisUrl {
             Ok(_) => self.0.clone(),
             Err(_) => REDACTED.to_owned(),
         }
+    }
+}
+
+impl std::str::FromStr for RedisUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
     }
 }
 
@@ -795,17 +840,33 @@ impl Settings {
                 problem(format!("{key}.max"), "must be greater than 0".to_owned());
             }
         }
-        match url::Url::parse(rate_limit.redis_url.expose()) {
-            Ok(url) if matches!(url.scheme(), "redis" | "unix" | "redis+unix") => {}
-            Ok(url) if url.scheme() == "rediss" => problem(
-                "rate_limit.redis_url".to_owned(),
-                "rediss:// (TLS) is not supported; reach Redis over redis:// on a trusted network or a unix socket"
-                    .to_owned(),
-            ),
-            _ => problem(
-                "rate_limit.redis_url".to_owned(),
-                "must be a redis:// or unix:// URL".to_owned(),
-            ),
+        if rate_limit.redis_cluster.is_empty() {
+            match url::Url::parse(rate_limit.redis_url.expose()) {
+                Ok(url) if matches!(url.scheme(), "redis" | "rediss" | "unix" | "redis+unix") => {}
+                _ => problem(
+                    "rate_limit.redis_url".to_owned(),
+                    "must be a redis://, rediss:// or unix:// URL".to_owned(),
+                ),
+            }
+        }
+        let mut cluster_schemes = BTreeSet::new();
+        for (index, seed) in rate_limit.redis_cluster.iter().enumerate() {
+            let key = format!("rate_limit.redis_cluster[{index}]");
+            match url::Url::parse(seed.expose()) {
+                Ok(url) if matches!(url.scheme(), "redis" | "rediss") && url.host().is_some() => {
+                    cluster_schemes.insert(url.scheme().to_owned());
+                    if !matches!(url.path(), "" | "/" | "/0") {
+                        problem(key, "a cluster has only database 0".to_owned());
+                    }
+                }
+                _ => problem(key, "must be a redis:// or rediss:// URL with a host".to_owned()),
+            }
+        }
+        if cluster_schemes.len() > 1 {
+            problem(
+                "rate_limit.redis_cluster".to_owned(),
+                "mixes redis:// and rediss://; every node of a cluster is reached the same way".to_owned(),
+            );
         }
         if rate_limit.key_prefix.is_empty() {
             problem("rate_limit.key_prefix".to_owned(), "must not be empty".to_owned());
@@ -820,6 +881,17 @@ impl Settings {
         } else {
             Err(problems)
         }
+    }
+
+    /// `sliding_log` policies whose `max` makes a log per client expensive
+    /// (SPEC §12): name and max.
+    pub fn large_sliding_logs(&self) -> Vec<(&str, u64)> {
+        self.rate_limit
+            .policies
+            .iter()
+            .filter(|(_, policy)| policy.algorithm == LimitAlgorithm::SlidingLog && policy.max > LARGE_LOG_MAX)
+            .map(|(name, policy)| (name.as_str(), policy.max))
+            .collect()
     }
 
     /// The start-up refusals of SPEC §2: a route that needs auth must have a key
@@ -1327,6 +1399,22 @@ service = "user"
                 "rate_limit.redis_url: must be a redis://",
             ),
             (
+                "[rate_limit]\nredis_cluster = [\"redis://127.0.0.1:7000\", \"http://x\"]",
+                "rate_limit.redis_cluster[1]: must be a redis:// or rediss:// URL with a host",
+            ),
+            (
+                "[rate_limit]\nredis_cluster = [\"redis://127.0.0.1:7000/2\"]",
+                "rate_limit.redis_cluster[0]: a cluster has only database 0",
+            ),
+            (
+                "[rate_limit]\nredis_cluster = [\"redis://127.0.0.1:7000\", \"rediss://127.0.0.1:7001\"]",
+                "rate_limit.redis_cluster: mixes redis:// and rediss://",
+            ),
+            (
+                "[rate_limit.policies.p]\nwindow_s = 1\nmax = 1\nalgorithm = \"leaky\"",
+                "rate_limit.policies.p.algorithm: unknown algorithm \"leaky\"; expected \"sliding_log\" or \"sliding_window\"",
+            ),
+            (
                 "[routes.dup]\nprefix = \"/api/users\"\nservice = \"user\"",
                 "routes.users.prefix: \"/api/users\" is also the prefix of routes.dup",
             ),
@@ -1501,6 +1589,28 @@ service = "user"
                 "health.interval_ms: must be greater than 0 (from the environment variable GATEHOUSE__HEALTH__INTERVAL_MS)",
                 "auth.jwt_secret: must be at least 32 bytes (from the environment variable JWT_SECRET)",
             ]
+        );
+    }
+
+    #[test]
+    fn redis_over_tls_a_cluster_and_sliding_windows_are_accepted() {
+        let settings = settings_with(
+            "[rate_limit]\nredis_url = \"rediss://:pw@redis.example:6380\"\n\
+             redis_cluster = \"rediss://a.example:7000, rediss://b.example:7001\"\n\
+             [rate_limit.policies.big]\nwindow_s = 3600\nmax = 100000\nalgorithm = \"sliding_window\"\n\
+             [rate_limit.policies.huge_log]\nwindow_s = 3600\nmax = 10001",
+        )
+        .expect("valid");
+        let seeds: Vec<&str> = settings.rate_limit.redis_cluster.iter().map(RedisUrl::expose).collect();
+        assert_eq!(seeds, ["rediss://a.example:7000", "rediss://b.example:7001"]);
+        assert_eq!(
+            settings.rate_limit.policies["big"].algorithm,
+            LimitAlgorithm::SlidingWindow
+        );
+        assert_eq!(
+            settings.large_sliding_logs(),
+            [("huge_log", 10_001)],
+            "only the log is warned about"
         );
     }
 

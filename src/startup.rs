@@ -198,6 +198,15 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<(), StartupErro
     if settings.uses_dev_secret() {
         tracing::warn!("auth.jwt_secret is the shipped development secret: never use it in production");
     }
+    for (name, max) in settings.large_sliding_logs() {
+        tracing::warn!(
+            policy = %name,
+            max,
+            "rate_limit.policies.{name}: a sliding_log keeps every admission per client (~60-160 bytes each); \
+             with max above {} consider algorithm = \"sliding_window\" (constant memory)",
+            crate::settings::LARGE_LOG_MAX
+        );
+    }
     // Before listening: a SIGHUP's default action is to end the process.
     let hangups = hangup_signals();
     let application = Application::build(&settings, sources)?;

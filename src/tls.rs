@@ -153,6 +153,31 @@ pub fn upstream_client_config(upstream: &UpstreamSettings) -> Result<Arc<rustls:
     Ok(config)
 }
 
+/// The trust anchors for `rediss://` (SPEC §12, verification as in §8): with
+/// no `upstream.ca_file`, `None`, and the Redis client uses the public web
+/// roots it was built with; with one, the public web roots and the file's
+/// certificates as one PEM bundle, since the Redis client takes its roots
+/// only as PEM and a bundle given replaces its own.
+pub fn redis_root_certificates(upstream: &UpstreamSettings) -> Result<Option<Vec<u8>>, String> {
+    use base64::Engine as _;
+
+    if upstream.ca_file.is_empty() {
+        return Ok(None);
+    }
+    let extra = read_certificates(&upstream.ca_file).map_err(|reason| format!("upstream.ca_file: {reason}"))?;
+    let mut bundle = Vec::new();
+    for cert in webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().chain(&extra) {
+        bundle.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        let encoded = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        for line in encoded.as_bytes().chunks(64) {
+            bundle.extend_from_slice(line);
+            bundle.push(b'\n');
+        }
+        bundle.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    }
+    Ok(Some(bundle))
+}
+
 fn build_upstream_client_config(upstream: &UpstreamSettings) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),

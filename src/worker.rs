@@ -193,11 +193,14 @@ impl Snapshot {
             .filter(same_verifier)
             .map_or_else(Rc::default, |previous| previous.tokens.clone());
         let limiter = previous
-            .filter(|previous| same_limiter(&previous.rate_limit, &deployment.rate_limit))
+            .filter(|previous| {
+                same_limiter(&previous.rate_limit, &deployment.rate_limit)
+                    && previous.upstream.ca_file == deployment.upstream.ca_file
+            })
             .map_or_else(
                 || {
                     Rc::new(
-                        RateLimiter::new(&deployment.rate_limit, shared_limits)
+                        RateLimiter::new(&deployment.rate_limit, &deployment.upstream, shared_limits)
                             .expect("the configuration compiled, so its limiter builds"),
                     )
                 },
@@ -225,6 +228,7 @@ impl Snapshot {
 fn same_limiter(before: &RateLimitSettings, after: &RateLimitSettings) -> bool {
     before.backend == after.backend
         && before.redis_url == after.redis_url
+        && before.redis_cluster == after.redis_cluster
         && before.key_prefix == after.key_prefix
         && before.on_backend_error == after.on_backend_error
         && before.redis_timeout_ms == after.redis_timeout_ms

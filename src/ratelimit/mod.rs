@@ -1,11 +1,18 @@
 //! Rate limits that hold across every gateway instance (SPEC §4).
 //!
 //! A policy admits at most `max` requests per client key in any window of
-//! `window_s` seconds: a sliding log of admission times per key and policy,
-//! so there is no 2×max burst at a window edge, and rejected requests are not
-//! recorded. All the policies counted at one point of the pipeline are
-//! decided together, all or nothing: when one is over its limit, none records
-//! the request.
+//! `window_s` seconds, counted one of two ways:
+//!
+//! - `sliding_log` (exact): the time of every admission per key and policy,
+//!   so there is no 2×max burst at a window edge; memory grows with `max`.
+//! - `sliding_window` (SPEC §12): two fixed-window counters per key, the
+//!   previous one weighted by the share of it the sliding window still
+//!   covers; constant memory whatever `max` is, approximate at window edges
+//!   (the README states the measured error).
+//!
+//! Rejected requests are not recorded. All the policies counted at one point
+//! of the pipeline are decided together, all or nothing: when one is over its
+//! limit, none records the request.
 //!
 //! - [`memory`]: the log in process (`backend = "memory"`, and the `local`
 //!   fallback while Redis is unreachable).
@@ -22,7 +29,9 @@ use std::time::Duration;
 use actix_web::http::header::HeaderValue;
 
 use crate::error::GatewayError;
-use crate::settings::{BackendErrorMode, PolicyKey, RateLimitBackend, RateLimitSettings};
+use crate::settings::{
+    BackendErrorMode, LimitAlgorithm, PolicyKey, RateLimitBackend, RateLimitSettings, UpstreamSettings,
+};
 
 /// One configured policy, compiled once.
 #[derive(Debug)]
@@ -33,6 +42,7 @@ pub struct Policy {
     pub max: u64,
     pub key: PolicyKey,
     pub message: String,
+    pub algorithm: LimitAlgorithm,
     /// `RateLimit-Policy: <max>;w=<window_s>`.
     pub header: HeaderValue,
 }
@@ -45,13 +55,96 @@ impl Policy {
             max,
             key,
             message: message.to_owned(),
+            algorithm: LimitAlgorithm::SlidingLog,
             header: HeaderValue::from_str(&format!("{max};w={window_s}")).expect("digits are a valid header value"),
         }
+    }
+
+    pub fn counted_by(self, algorithm: LimitAlgorithm) -> Self {
+        Self { algorithm, ..self }
     }
 
     pub fn window_us(&self) -> u64 {
         self.window.as_micros() as u64
     }
+
+    /// Whether one more request fits, given what the counter held before it.
+    /// A fixed-window pair admits while its weighted estimate plus this
+    /// request stays within `max`.
+    pub fn admits(&self, before: Tally, now_us: u64) -> bool {
+        match before {
+            Tally::Log { count, .. } => count < self.max,
+            Tally::Window { .. } => {
+                let window = u128::from(self.window_us().max(1));
+                self.weighted(before, now_us) + window <= u128::from(self.max) * window
+            }
+        }
+    }
+
+    /// A fixed-window pair's estimate of the admissions in the sliding window
+    /// ending now, times the window (µs) to stay in integers: the current
+    /// window's count, plus the previous one's weighted by the part of it the
+    /// sliding window still covers.
+    fn weighted(&self, tally: Tally, now_us: u64) -> u128 {
+        let Tally::Window { current, previous } = tally else {
+            return 0;
+        };
+        let window = self.window_us().max(1);
+        let still_covered = u128::from(window - now_us % window);
+        u128::from(previous) * still_covered + u128::from(current) * u128::from(window)
+    }
+
+    /// Where this policy stands once a decision is recorded in `tally`.
+    pub fn state(&self, index: usize, tally: Tally, now_us: u64) -> PolicyState {
+        let (remaining, wait_us) = match tally {
+            Tally::Log { count, oldest_us } => (
+                self.max.saturating_sub(count),
+                oldest_us.saturating_add(self.window_us()).saturating_sub(now_us),
+            ),
+            Tally::Window { current, previous } => self.window_state(current, previous, now_us),
+        };
+        PolicyState {
+            policy: index,
+            limit: self.max,
+            remaining,
+            reset_s: wait_us.div_ceil(1_000_000).max(1),
+        }
+    }
+
+    /// Remaining and the wait (µs) until one more slot frees for a
+    /// fixed-window pair: the estimate falls at `previous` per µs until the
+    /// current window ends, then at `current` per µs through the next one
+    /// (the current count becomes the previous, weighted down to nothing).
+    fn window_state(&self, current: u64, previous: u64, now_us: u64) -> (u64, u64) {
+        let window = u128::from(self.window_us().max(1));
+        let estimate = self.weighted(Tally::Window { current, previous }, now_us);
+        let capacity = u128::from(self.max) * window;
+        let remaining = (capacity.saturating_sub(estimate) / window) as u64;
+        // One more slot frees when the estimate falls to max - remaining - 1.
+        let target = capacity.saturating_sub((u128::from(remaining) + 1) * window);
+        let to_fall = estimate.saturating_sub(target);
+        let left_in_window = window - u128::from(now_us) % window;
+        let falls_this_window = u128::from(previous) * left_in_window;
+        let wait = if to_fall <= falls_this_window {
+            to_fall.div_ceil(u128::from(previous).max(1))
+        } else if current > 0 {
+            left_in_window + (to_fall - falls_this_window).div_ceil(u128::from(current))
+        } else {
+            left_in_window + window
+        };
+        (remaining, u64::try_from(wait).unwrap_or(u64::MAX))
+    }
+}
+
+/// What one policy's counter holds for one client key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tally {
+    /// `sliding_log`: admissions within the window, and the oldest one's time
+    /// (µs, on the decision's clock).
+    Log { count: u64, oldest_us: u64 },
+    /// `sliding_window`: the counts of the current fixed window (aligned on
+    /// multiples of the window on the decision's clock) and of the one before.
+    Window { current: u64, previous: u64 },
 }
 
 /// Where one policy stands for one key after a decision.
@@ -104,28 +197,12 @@ impl Verdict {
     }
 }
 
-/// Turns the raw counts of one decision into a verdict. `counts[i]` is the
-/// number of admissions in policy i's window after the decision, `oldest[i]`
-/// the time of its oldest admission (µs, same clock as `now`).
-pub fn verdict_from_counts(
-    policies: &[(usize, &Policy)],
-    admitted: bool,
-    now_us: u64,
-    counts: &[u64],
-    oldest_us: &[u64],
-) -> Verdict {
+/// Turns what each policy's counter holds after one decision into a verdict.
+pub fn verdict_from_tallies(policies: &[(usize, &Policy)], admitted: bool, now_us: u64, tallies: &[Tally]) -> Verdict {
     let states = policies
         .iter()
-        .zip(counts.iter().zip(oldest_us))
-        .map(|((index, policy), (&count, &oldest))| {
-            let frees_at = oldest.saturating_add(policy.window_us());
-            PolicyState {
-                policy: *index,
-                limit: policy.max,
-                remaining: policy.max.saturating_sub(count),
-                reset_s: frees_at.saturating_sub(now_us).div_ceil(1_000_000).max(1),
-            }
-        })
+        .zip(tallies)
+        .map(|((index, policy), &tally)| policy.state(*index, tally, now_us))
         .collect();
     Verdict { admitted, states }
 }
@@ -150,7 +227,7 @@ pub struct RateLimiter {
 
 enum Store {
     Memory,
-    Redis(redis::RedisStore),
+    Redis(Box<redis::RedisStore>),
 }
 
 /// State shared by every worker's limiter, kept for the process's lifetime
@@ -165,10 +242,18 @@ impl RateLimiter {
     /// Builds a worker's limiter; with the Redis backend this creates the
     /// worker's pool (connections are opened lazily, so a Redis that is down
     /// at start-up does not stop the gateway).
-    pub fn new(settings: &RateLimitSettings, shared: &SharedLimits) -> Result<Self, String> {
+    /// `upstream` names the extra CA that `rediss://` trusts.
+    pub fn new(
+        settings: &RateLimitSettings,
+        upstream: &UpstreamSettings,
+        shared: &SharedLimits,
+    ) -> Result<Self, String> {
         let store = match settings.backend {
             RateLimitBackend::Memory => Store::Memory,
-            RateLimitBackend::Redis => Store::Redis(redis::RedisStore::new(settings)?),
+            RateLimitBackend::Redis => {
+                let roots = crate::tls::redis_root_certificates(upstream)?;
+                Store::Redis(Box::new(redis::RedisStore::new(settings, roots.as_deref())?))
+            }
         };
         Ok(Self {
             store,
@@ -271,7 +356,11 @@ mod tests {
     #[test]
     fn reset_counts_until_the_oldest_admission_leaves() {
         let policy = Policy::new("p", 10, 3, PolicyKey::Ip, "m");
-        let verdict = verdict_from_counts(&[(0, &policy)], true, 5_000_000, &[2], &[1_500_000]);
+        let tally = Tally::Log {
+            count: 2,
+            oldest_us: 1_500_000,
+        };
+        let verdict = verdict_from_tallies(&[(0, &policy)], true, 5_000_000, &[tally]);
         assert_eq!(
             verdict.states,
             vec![PolicyState {

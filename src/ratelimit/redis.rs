@@ -1,11 +1,15 @@
-//! The sliding log in a shared Redis: every gateway instance counts in the
-//! same sorted sets, so a policy holds for the fleet.
+//! The limits in a shared Redis, one node or a Redis Cluster: every gateway
+//! instance counts in the same keys, so a policy holds for the fleet.
 //!
 //! One decision is one atomic Lua script (EVALSHA, reloaded on NOSCRIPT by
 //! `redis::Script`) over all the policies counted at one point; it reads the
-//! time from Redis `TIME`, so gateway clocks never matter. Every key gets a
-//! PEXPIRE of its window, so Redis holds only the clients active within one.
-//! Each call is bounded by `rate_limit.redis_timeout_ms`, pool waits included.
+//! time from Redis `TIME`, so gateway clocks never matter. A `sliding_log`
+//! policy's key is a sorted set of admissions, a `sliding_window` one's a
+//! hash of two counters; every key gets a PEXPIRE of what it must remember,
+//! so Redis holds only the clients active within it. Every key of one
+//! decision carries the client's `{…}` hash tag, so on a cluster the script
+//! runs on the one node owning that slot. Each call is bounded by
+//! `rate_limit.redis_timeout_ms`, pool waits and redirections included.
 //!
 //! A worker keeps one multiplexed connection and pipelines every request's
 //! script over it; the deadpool pool only hands out a new one (with its
@@ -21,53 +25,104 @@
 //! decision fall back to `on_backend_error` (SPEC §12); every worker of every
 //! gateway would otherwise count its first request after the restart in
 //! process, beside the shared log.
+//!
+//! On a cluster, a worker keeps one [`ClusterConnection`]: a multiplexed
+//! handle on a connection per node that follows `MOVED`/`ASK`, refreshes
+//! the slot map and reconnects by itself, so it is kept across failures
+//! (deadpool-redis's cluster pool builds its client from the URLs alone, so
+//! no timeouts, retry bound or TLS roots could be set, and checking one out
+//! would PING per decision for nothing). `SCRIPT LOAD` after a NOSCRIPT goes
+//! to every master.
 
 use std::cell::RefCell;
 use std::time::Duration;
 
-use deadpool_redis::redis::aio::MultiplexedConnection;
-use deadpool_redis::redis::{Script, ScriptInvocation};
-use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
+use deadpool_redis::redis::aio::{ConnectionLike, MultiplexedConnection};
+use deadpool_redis::redis::{Client, IntoConnectionInfo, Script, ScriptInvocation, TlsCertificates};
+use deadpool_redis::{Manager, Pool, Runtime};
 
-use super::{redis_key, verdict_from_counts, Policy, Verdict};
-use crate::settings::RateLimitSettings;
+use super::{redis_key, verdict_from_tallies, Policy, Tally, Verdict};
+use crate::settings::{LimitAlgorithm, RateLimitSettings};
 
 /// Connections per worker's pool; one is in use at a time (see above).
 const POOL_SIZE_PER_WORKER: usize = 2;
 
-/// KEYS: one sorted set per policy. ARGV[1]: a unique member suffix; then per
-/// policy its window (µs), max and key lifetime (ms). Returns {admitted,
-/// now_us, count_1, oldest_1, …}: counts include this request when admitted.
+/// Attempts of one cluster command across redirections and reconnections;
+/// `redis_timeout_ms` bounds them all.
+const CLUSTER_RETRIES: u32 = 3;
+
+/// KEYS: one per policy. ARGV[1]: a unique member suffix; then per policy its
+/// algorithm (`l` log, `w` window), window (µs), max, key lifetime (ms).
+/// Returns {admitted, now_us, a_1, b_1, …}: for a log its count and oldest
+/// admission (µs), for a window its current and previous counts; counts
+/// include this request when admitted.
 ///
 /// Every argument handed to `redis.call` is a string: Lua numbers are
 /// doubles, and Redis (7.0 at least) formats each one with `%.17g`, which
-/// was the costliest part of the script. Members are `<µs>:<suffix>`, so the
-/// oldest admission time is read from the member rather than from a
+/// was the costliest part of the script. Log members are `<µs>:<suffix>`,
+/// so the oldest admission time is read from the member rather than from a
 /// formatted score. Microseconds since the epoch (about 2^51) are exact in a
-/// double.
-const SLIDING_LOG: &str = r#"
+/// double, and `math.fmod` is exact, so the window boundaries match the
+/// gateway's integer arithmetic.
+///
+/// A window key is a hash: `s` the current fixed window's start (µs), `c`
+/// its count, `p` the previous window's count. A key of the other type (the
+/// policy's algorithm changed on reload) is dropped and starts over.
+const DECIDE: &str = r#"
 local time = redis.call('TIME')
 local now_text = time[1] .. string.rep('0', 6 - #time[2]) .. time[2]
 local now = tonumber(now_text)
 local member = now_text .. ':' .. ARGV[1]
-local counts = {}
+local held = {}
 local admitted = 1
 for i = 1, #KEYS do
-  local cutoff = string.format('%d', now - tonumber(ARGV[3 * i - 1]))
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', cutoff)
-  counts[i] = redis.call('ZCARD', KEYS[i])
-  if counts[i] >= tonumber(ARGV[3 * i]) then admitted = 0 end
+  local kind, window, max = ARGV[4 * i - 2], tonumber(ARGV[4 * i - 1]), tonumber(ARGV[4 * i])
+  if kind == 'l' then
+    local cutoff = string.format('%d', now - window)
+    local pruned = redis.pcall('ZREMRANGEBYSCORE', KEYS[i], '-inf', cutoff)
+    if type(pruned) == 'table' and pruned.err then redis.call('DEL', KEYS[i]) end
+    local count = redis.call('ZCARD', KEYS[i])
+    held[i] = { count }
+    if count >= max then admitted = 0 end
+  else
+    local elapsed = math.fmod(now, window)
+    local start = string.format('%d', now - elapsed)
+    local current, previous = 0, 0
+    local stored = redis.pcall('HMGET', KEYS[i], 's', 'c', 'p')
+    if stored.err then
+      redis.call('DEL', KEYS[i])
+    elseif stored[1] == start then
+      current, previous = tonumber(stored[2]) or 0, tonumber(stored[3]) or 0
+    elseif stored[1] and tonumber(stored[1]) == now - elapsed - window then
+      previous = tonumber(stored[2]) or 0
+    end
+    held[i] = { current, previous, start }
+    if previous * (window - elapsed) + (current + 1) * window > max * window then admitted = 0 end
+  end
 end
 local result = { admitted, now }
 for i = 1, #KEYS do
-  if admitted == 1 then
-    redis.call('ZADD', KEYS[i], now_text, member)
-    redis.call('PEXPIRE', KEYS[i], ARGV[3 * i + 1])
-    counts[i] = counts[i] + 1
+  if ARGV[4 * i - 2] == 'l' then
+    local count = held[i][1]
+    if admitted == 1 then
+      redis.call('ZADD', KEYS[i], now_text, member)
+      redis.call('PEXPIRE', KEYS[i], ARGV[4 * i + 1])
+      count = count + 1
+    end
+    local oldest = redis.call('ZRANGE', KEYS[i], '0', '0')[1]
+    result[#result + 1] = count
+    result[#result + 1] = oldest and string.match(oldest, '^%d+') or now_text
+  else
+    local current, previous = held[i][1], held[i][2]
+    if admitted == 1 then
+      current = current + 1
+      redis.call('HSET', KEYS[i], 's', held[i][3], 'c', string.format('%d', current), 'p', string.format('%d', previous))
+      redis.call('PEXPIRE', KEYS[i], ARGV[4 * i + 1])
+    end
+    result[#result + 1] = current
+    result[#result + 1] = previous
   end
-  local oldest = redis.call('ZRANGE', KEYS[i], '0', '0')[1]
-  result[#result + 1] = counts[i]
-  result[#result + 1] = oldest and string.match(oldest, '^%d+') or now_text
 end
 return result
 "#;
@@ -98,64 +153,120 @@ impl RedisError {
 }
 
 pub struct RedisStore {
-    pool: Pool,
+    backend: Backend,
     script: Script,
     key_prefix: String,
     timeout: Duration,
-    /// The worker's connection, until it fails.
-    connection: RefCell<Option<MultiplexedConnection>>,
+}
+
+enum Backend {
+    Node {
+        pool: Pool,
+        /// The worker's connection, until it fails.
+        connection: RefCell<Option<MultiplexedConnection>>,
+    },
+    Cluster {
+        client: Box<ClusterClient>,
+        /// The worker's handle on the cluster, once one was made.
+        connection: RefCell<Option<ClusterConnection>>,
+        /// Held while a handle is being made, so the requests that find none
+        /// wait for that one instead of each discovering the cluster.
+        connecting: tokio::sync::Mutex<()>,
+    },
 }
 
 impl RedisStore {
-    pub fn new(settings: &RateLimitSettings) -> Result<Self, String> {
+    /// `roots`: the PEM trust anchors for `rediss://` when they are not the
+    /// public web roots alone (see [`crate::tls::redis_root_certificates`]).
+    pub fn new(settings: &RateLimitSettings, roots: Option<&[u8]>) -> Result<Self, String> {
         let timeout = Duration::from_millis(settings.redis_timeout_ms);
-        let mut config = Config::from_url(settings.redis_url.expose());
-        config.pool = Some(PoolConfig {
-            max_size: POOL_SIZE_PER_WORKER,
-            // deadpool waits forever by default; no request may.
-            timeouts: Timeouts {
-                wait: Some(timeout),
-                create: Some(timeout),
-                recycle: Some(timeout),
-            },
-            ..PoolConfig::default()
-        });
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1))
+        let certificates = || TlsCertificates {
+            client_tls: None,
+            root_cert: roots.map(<[u8]>::to_vec),
+        };
+        let backend = if settings.redis_cluster.is_empty() {
+            let url = settings.redis_url.expose();
+            let info = match url.starts_with("rediss:") {
+                true => Client::build_with_tls(url, certificates()).map(|client| client.get_connection_info().clone()),
+                false => url.into_connection_info(),
+            }
             .map_err(|err| format!("rate_limit.redis_url: {err}"))?;
+            let manager = Manager::new(info).map_err(|err| format!("rate_limit.redis_url: {err}"))?;
+            // deadpool waits forever by default; no request may.
+            let pool = Pool::builder(manager)
+                .max_size(POOL_SIZE_PER_WORKER)
+                .wait_timeout(Some(timeout))
+                .create_timeout(Some(timeout))
+                .recycle_timeout(Some(timeout))
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(|err| format!("rate_limit.redis_url: {err}"))?;
+            Backend::Node {
+                pool,
+                connection: RefCell::new(None),
+            }
+        } else {
+            let seeds: Vec<&str> = settings.redis_cluster.iter().map(|seed| seed.expose()).collect();
+            let mut builder = ClusterClientBuilder::new(seeds.clone())
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(CLUSTER_RETRIES);
+            if seeds.iter().any(|seed| seed.starts_with("rediss:")) {
+                builder = builder.certs(certificates());
+            }
+            let client = builder
+                .build()
+                .map_err(|err| format!("rate_limit.redis_cluster: {err}"))?;
+            Backend::Cluster {
+                client: Box::new(client),
+                connection: RefCell::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            }
+        };
         Ok(Self {
-            pool,
-            script: Script::new(SLIDING_LOG),
+            backend,
+            script: Script::new(DECIDE),
             key_prefix: settings.key_prefix.clone(),
             timeout,
-            connection: RefCell::new(None),
         })
     }
 
-    /// One decision. A failure on a connection that turns out to be broken
-    /// (Redis restarted, or closed it) is retried once on a fresh one from
-    /// the pool, within the same `redis_timeout_ms`: only then is it an
-    /// outage (SPEC §12).
+    /// One decision. On one node, a failure on a connection that turns out
+    /// to be broken (Redis restarted, or closed it) is retried once on a
+    /// fresh one from the pool, within the same `redis_timeout_ms`: only then
+    /// is it an outage (SPEC §12). A cluster handle retries by itself.
     pub async fn check(&self, client: &str, policies: &[(usize, &Policy)]) -> Result<Verdict, RedisError> {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(uuid::Uuid::new_v4().simple().to_string());
         for (_, policy) in policies {
+            let (kind, remembered_us) = match policy.algorithm {
+                LimitAlgorithm::SlidingLog => ("l", policy.window_us()),
+                // The previous window counts until the current one ends.
+                LimitAlgorithm::SlidingWindow => ("w", policy.window_us().saturating_mul(2)),
+            };
             invocation
                 .key(redis_key(&self.key_prefix, client, &policy.name))
+                .arg(kind)
                 .arg(policy.window_us())
                 .arg(policy.max)
-                .arg(policy.window_us().div_ceil(1000));
+                .arg(remembered_us.div_ceil(1000));
         }
         let decide = async {
-            match self.run_script(&invocation, policies).await {
-                Err(err) if err.is_broken_connection() => {
-                    // The pool checks what it still holds (deadpool-redis
-                    // PINGs on recycle, and drops what fails) and connects
-                    // anew when nothing is left.
-                    self.connection.borrow_mut().take();
-                    self.run_script(&invocation, policies).await
+            match &self.backend {
+                Backend::Node { connection, .. } => match self.run_on_node(&invocation, policies).await {
+                    Err(err) if err.is_broken_connection() => {
+                        // The pool checks what it still holds (deadpool-redis
+                        // PINGs on recycle, and drops what fails) and
+                        // connects anew when nothing is left.
+                        connection.borrow_mut().take();
+                        self.run_on_node(&invocation, policies).await
+                    }
+                    result => result,
+                },
+                Backend::Cluster { .. } => {
+                    let mut connection = self.cluster_connection().await?;
+                    run_script(&mut connection, &invocation, policies).await
                 }
-                result => result,
             }
         };
         let result = match actix_rt::time::timeout(self.timeout, decide).await {
@@ -163,42 +274,82 @@ impl RedisStore {
             Err(_) => Err(RedisError::Timeout(self.timeout)),
         };
         if result.is_err() {
-            // Start over from the pool, which reconnects with its timeouts.
-            self.connection.borrow_mut().take();
+            if let Backend::Node { connection, .. } = &self.backend {
+                // Start over from the pool, which reconnects with its timeouts.
+                connection.borrow_mut().take();
+            }
         }
         result
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
-        if let Some(connection) = self.connection.borrow().as_ref() {
-            return Ok(connection.clone());
-        }
-        let pooled = self.pool.get().await?;
-        let connection = MultiplexedConnection::clone(&pooled);
-        *self.connection.borrow_mut() = Some(connection.clone());
-        Ok(connection)
-    }
-
-    async fn run_script(
+    async fn run_on_node(
         &self,
         invocation: &ScriptInvocation<'_>,
         policies: &[(usize, &Policy)],
     ) -> Result<Verdict, RedisError> {
-        let mut connection = self.connection().await?;
-        let reply: Vec<i64> = invocation.invoke_async(&mut connection).await?;
-        let (head, per_policy) = reply.split_at_checked(2).ok_or(RedisError::Reply)?;
-        if per_policy.len() != policies.len() * 2 {
-            return Err(RedisError::Reply);
-        }
-        let admitted = head[0] == 1;
-        let now_us = head[1].max(0) as u64;
-        let counts: Vec<u64> = per_policy.iter().step_by(2).map(|&count| count.max(0) as u64).collect();
-        let oldest: Vec<u64> = per_policy
-            .iter()
-            .skip(1)
-            .step_by(2)
-            .map(|&at| at.max(0) as u64)
-            .collect();
-        Ok(verdict_from_counts(policies, admitted, now_us, &counts, &oldest))
+        let Backend::Node { pool, connection } = &self.backend else {
+            unreachable!("called for a single node only");
+        };
+        let cached = connection.borrow().clone();
+        let mut node = match cached {
+            Some(node) => node,
+            None => {
+                let pooled = pool.get().await?;
+                let node = MultiplexedConnection::clone(&pooled);
+                *connection.borrow_mut() = Some(node.clone());
+                node
+            }
+        };
+        run_script(&mut node, invocation, policies).await
     }
+
+    async fn cluster_connection(&self) -> Result<ClusterConnection, RedisError> {
+        let Backend::Cluster {
+            client,
+            connection,
+            connecting,
+        } = &self.backend
+        else {
+            unreachable!("called for a cluster only");
+        };
+        if let Some(cluster) = connection.borrow().as_ref() {
+            return Ok(cluster.clone());
+        }
+        let _making = connecting.lock().await;
+        if let Some(cluster) = connection.borrow().as_ref() {
+            return Ok(cluster.clone());
+        }
+        let cluster = client.get_async_connection().await?;
+        *connection.borrow_mut() = Some(cluster.clone());
+        Ok(cluster)
+    }
+}
+
+async fn run_script(
+    connection: &mut impl ConnectionLike,
+    invocation: &ScriptInvocation<'_>,
+    policies: &[(usize, &Policy)],
+) -> Result<Verdict, RedisError> {
+    let reply: Vec<i64> = invocation.invoke_async(connection).await?;
+    let (head, per_policy) = reply.split_at_checked(2).ok_or(RedisError::Reply)?;
+    if per_policy.len() != policies.len() * 2 {
+        return Err(RedisError::Reply);
+    }
+    let admitted = head[0] == 1;
+    let now_us = head[1].max(0) as u64;
+    let tallies: Vec<Tally> = policies
+        .iter()
+        .zip(per_policy.chunks_exact(2))
+        .map(|((_, policy), pair)| {
+            let (a, b) = (pair[0].max(0) as u64, pair[1].max(0) as u64);
+            match policy.algorithm {
+                LimitAlgorithm::SlidingLog => Tally::Log { count: a, oldest_us: b },
+                LimitAlgorithm::SlidingWindow => Tally::Window {
+                    current: a,
+                    previous: b,
+                },
+            }
+        })
+        .collect();
+    Ok(verdict_from_tallies(policies, admitted, now_us, &tallies))
 }
