@@ -12,8 +12,12 @@
 #
 #   scripts/fleet.sh                   start the fleet, run one burst, then watch
 #                                      the cluster until Ctrl-C
-#   scripts/fleet.sh burst [ADDRESS]   (another terminal) one more burst through
-#                                      the running fleet
+#   scripts/fleet.sh burst [ADDRESS | :PORT]
+#                                      (another terminal) one more burst through
+#                                      the running fleet: from a fresh client, from
+#                                      ADDRESS (127.x.y.z) again, or from a fresh
+#                                      client whose keys are in the slots of the
+#                                      Redis node on PORT
 #
 # The three gateways read one settings file (written to the temp dir, layered
 # over settings/ as `--config`; GATEHOUSE__SERVER__LISTEN gives each its
@@ -36,19 +40,19 @@
 # A fresh client must be admitted exactly max times, whichever gateways
 # served it. `burst` exits 1 when it is not.
 #
-# Things to try (printed with the actual ports once the fleet is up):
-#   - `redis-cli -p PORT debug segfault` (or kill -9 its pid) on the master that
-#     holds a burst's client (each burst names it): after cluster-node-timeout
-#     (2 s) the cluster marks it failed and its replica is promoted; this
-#     terminal prints each change of the cluster's masters.
-#   - `scripts/fleet.sh burst` right after the kill: the dead master's slots
-#     cannot answer, so their decisions fall back to on_backend_error ("local":
-#     each gateway counts alone, so up to 3 × max are admitted); after the
-#     promotion, a fresh client gets exactly max again.
-#   - `scripts/fleet.sh burst ADDRESS` with the address of the burst before
-#     the kill, within its window: the promoted replica had its counts, so it
-#     is admitted no more (counts the master had not yet replicated would be
-#     lost: Redis replication is asynchronous).
+# Things to try (printed with the actual ports once the fleet is up; M is
+# the master holding the first burst's client, R its replica):
+#   - `redis-cli -p M debug segfault; scripts/fleet.sh burst :M` (or kill -9
+#     its pid): after cluster-node-timeout (2 s) the cluster marks M failed
+#     and promotes R (this terminal prints each change of the masters); until
+#     then M's slots cannot answer, so their decisions fall back to
+#     on_backend_error ("local": each gateway counts alone, so up to 3 × max
+#     are admitted), which the burst right after the kill shows.
+#   - `scripts/fleet.sh burst :R` after the promotion: exactly max again.
+#   - `scripts/fleet.sh burst ADDRESS` with the first burst's client, within
+#     its window: the promoted replica had its counts, so it is admitted no
+#     more (counts M had not yet replicated would be lost: Redis replication
+#     is asynchronous).
 # The nodes run with cluster-require-full-coverage no, so while one master's
 # slots are down the other masters keep answering for theirs, and with
 # `--enable-debug-command local` (Redis 7) for `debug segfault`.
@@ -122,7 +126,10 @@ backend_errors() {
 }
 
 # Where a client's counts live: its keys all carry the hash tag {ADDRESS},
-# so they are in one slot, on one master.
+# so they are in one slot, on one master. Sets home_master and home_replica
+# (ports, "" when unknown) for the instructions.
+home_master=""
+home_replica=""
 client_home() {
   local client=$1 slot nodes master
   slot=$(redis_any cluster keyslot "$KEY_PREFIX:{$client}:$POLICY") || return 0
@@ -140,12 +147,16 @@ client_home() {
   replicas=$(awk -v id="${master%% *}" '$4 == id && $3 !~ /fail/ { sub(/@.*/, "", $2); printf " %s", $2 }' <<<"$nodes")
   master=${master#* }
   master=${master%@*}
+  home_master=${master##*:}
+  home_replica=$(awk '{ sub(/.*:/, "", $1); print $1 }' <<<"$replicas")
   echo "Its keys ({$client} hash tag) are in slot $slot, on master $master (replica:${replicas:- none})."
   echo "To fail that master:  redis-cli -p ${master##*:} debug segfault"
 }
 
+# Bursts from client $1; $2 is "fresh" for a client never seen (which must be
+# admitted exactly max times: returns 1 when not) or "again".
 burst() {
-  local client=$1 dir=$work/burst
+  local client=$1 seen=$2 dir=$work/burst
   mkdir -p "$dir"
   local -A before
   local entry name port
@@ -170,13 +181,12 @@ burst() {
     END { flush(); for (g in seen) print g, ok[g] + 0, limited[g] + 0, other[g] + 0; print "policy", policy }')
   rm -rf "$dir"
 
-  local admitted=0 limited=0 other=0 local_decisions=0 answered=0 row
+  local admitted=0 limited=0 other=0 local_decisions=0 answered=0 row a l o after errors
   printf '  %-8s %-6s %9s %14s %6s %16s\n' gateway port admitted "limited (429)" other "backend errors"
   for entry in "${GATEWAYS[@]}"; do
     name=${entry%%:*} port=${entry#*:}
     row=$(awk -v g="$name" '$1 == g { print $2, $3, $4 }' <<<"$tally")
     read -r a l o <<<"${row:-0 0 0}"
-    local after errors
     after=$(backend_errors "$port")
     if [[ $after == "?" || ${before[$name]} == "?" ]]; then errors="?"; else errors=$((after - before[$name])); fi
     printf '  %-8s %-6s %9s %14s %6s %16s\n' "$name" "$port" "$a" "$l" "$o" "$errors"
@@ -198,16 +208,18 @@ burst() {
   fi
   echo "Policy \"$POLICY\": $max requests per ${policy#*;w=} s per client address."
   client_home "$client"
+  if [[ $seen == again ]]; then
+    echo "Admitted $admitted across the fleet: max less what $client was admitted in the last ${policy#*;w=} s."
+    ((local_decisions == 0)) || echo "  $local_decisions decisions were made by on_backend_error, not by Redis."
+    return 0
+  fi
   if ((admitted == max)); then
     echo "Admitted $admitted across the fleet = max: the policy holds exactly."
     return 0
   fi
   echo "Admitted $admitted across the fleet, max is $max: NOT exact."
-  if ((local_decisions > 0)); then
+  ((local_decisions == 0)) ||
     echo "  $local_decisions decisions were made by on_backend_error, not by Redis (a node down or failing over?)."
-  elif ((admitted < max)); then
-    echo "  Was $client already counted within the last ${policy#*;w=} s?"
-  fi
   return 1
 }
 
@@ -216,16 +228,40 @@ random_client() {
   echo "127.$((RANDOM % 254 + 1)).$((RANDOM % 256)).$((RANDOM % 254 + 1))"
 }
 
+# A fresh client address whose keys are in the slots of the node on port $1,
+# as the cluster's live nodes see them (a master that just died still has
+# its slots until its replica takes them over).
+client_on() {
+  local port=$1 ranges client slot
+  ranges=$(redis_any cluster nodes | awk -v port="$port" '{ address = $2; sub(/@.*/, "", address); sub(/.*:/, "", address) }
+    address == port { for (i = 9; i <= NF; i++) if ($i !~ /^\[/) print $i }') || true
+  [[ -n $ranges ]] || fail "the Redis node on port $port serves no slots now (see redis-cli -p $BASE cluster nodes)"
+  for _ in $(seq 200); do
+    client=$(random_client)
+    slot=$(redis_any cluster keyslot "$KEY_PREFIX:{$client}:$POLICY")
+    if awk -v slot="$slot" '{ n = split($1, range, "-"); if (n == 1) range[2] = range[1]
+        if (slot + 0 >= range[1] + 0 && slot + 0 <= range[2] + 0) found = 1 } END { exit !found }' <<<"$ranges"; then
+      echo "$client"
+      return 0
+    fi
+  done
+  fail "no client address found for the slots of port $port"
+}
+
 if [[ ${1:-} == burst ]]; then
-  client=${2:-$(random_client)}
-  [[ $client =~ ^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ && $client != 127.0.0.1 ]] ||
-    fail "the client address must be a loopback address 127.x.y.z other than 127.0.0.1, not \"$client\""
   curl -fs -o /dev/null --max-time 2 "$LB_URL/health" ||
     fail "no fleet answers on $LB_URL (start one with scripts/fleet.sh; FLEET_PORT_BASE=$BASE)"
-  burst "$client"
+  case ${2:-} in
+    '') client=$(random_client) seen=fresh ;;
+    :*) client=$(client_on "${2#:}") seen=fresh ;;
+    *) client=$2 seen=again ;;
+  esac
+  [[ $client =~ ^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ && $client != 127.0.0.1 ]] ||
+    fail "the client address must be a loopback address 127.x.y.z other than 127.0.0.1, not \"$client\""
+  burst "$client" "$seen"
   exit
 fi
-[[ $# -eq 0 ]] || fail "usage: scripts/fleet.sh [burst [ADDRESS]]"
+[[ $# -eq 0 ]] || fail "usage: scripts/fleet.sh [burst [ADDRESS | :PORT]]"
 
 # --- starting the fleet -----------------------------------------------------
 
@@ -412,9 +448,10 @@ done
 
 # 5. The burst.
 client=$(random_client)
-burst "$client" || echo "fleet.sh: the first burst was not exact (see above)" >&2
+burst "$client" fresh || echo "fleet.sh: the first burst was not exact (see above)" >&2
 
 # 6. What to try; then watch until Ctrl-C.
+M=${home_master:-M} R=${home_replica:-R}
 masters=$(redis_any cluster nodes | awk '$3 ~ /master/ { sub(/.*:/, "", $2); sub(/@.*/, "", $2); print $2 }' | sort | xargs)
 replicas=$(redis_any cluster nodes | awk '$3 ~ /slave/ { sub(/.*:/, "", $2); sub(/@.*/, "", $2); print $2 }' | sort | xargs)
 cat <<MSG
@@ -426,15 +463,20 @@ The fleet is up (logs and settings in $work):
   upstreams      $(for entry in "${UPSTREAMS[@]}"; do printf '%s :%s  ' "${entry#*:}" "${entry%%:*}"; done)
 
 Try, from another terminal:
-  scripts/fleet.sh burst               # a fresh client: exactly max admitted again
-  redis-cli -p PORT debug segfault     # PORT: the master a burst named (or kill -9 its pid, below)
-                                       # within ~3 s its replica is promoted; this terminal shows it
-  scripts/fleet.sh burst               # at once after the kill: that master's slots fall back to
-                                       # on_backend_error = local (each gateway alone: up to 3 x max)
-  $(printf '%-36s' "scripts/fleet.sh burst $client") # this burst's client again, within ${WINDOW_S} s: after
-                                       # a failover of its master too, the replica kept its counts
+  scripts/fleet.sh burst
+      a fresh client: exactly max admitted again
+  redis-cli -p $M debug segfault; scripts/fleet.sh burst :$M
+      fails master $M (it holds the first burst's client) and at once bursts a fresh client whose
+      keys are on it: until its replica $R is promoted (cluster-node-timeout 2 s, then an election;
+      this terminal shows it), those decisions are on_backend_error's, "local": each gateway
+      counts alone, so up to 3 x max are admitted
+  scripts/fleet.sh burst :$R
+      after the promotion, a fresh client on the new master: exactly max
+  scripts/fleet.sh burst $client
+      the first burst's client again, within ${WINDOW_S} s of it (WINDOW_S=600 scripts/fleet.sh gives
+      more time): the replica kept its counts, so none is admitted
   curl -s http://127.0.0.1:${GATEWAYS[0]#*:}/metrics | grep rate_limit
-Pids: $(for i in "${!names[@]}"; do [[ ${names[$i]} == redis* ]] && printf '%s=%s ' "${names[$i]##*:}" "${pids[$i]}"; done)
+Redis pids (kill -9 fails a node too): $(for i in "${!names[@]}"; do [[ ${names[$i]} == redis* ]] && printf '%s=%s ' "${names[$i]##*:}" "${pids[$i]}"; done)
 Press Ctrl-C to stop everything.
 
 MSG
