@@ -54,7 +54,10 @@
 #     more (counts M had not yet replicated would be lost: Redis replication
 #     is asynchronous).
 # The nodes run with cluster-require-full-coverage no, so while one master's
-# slots are down the other masters keep answering for theirs, and with
+# slots are down the other masters keep answering for theirs; with
+# repl-diskless-sync-delay 0, so a replica's first sync starts at once (a
+# replica that never synced cannot be promoted: the script waits for every
+# replica's link to be up before it starts the gateways); and with
 # `--enable-debug-command local` (Redis 7) for `debug segfault`.
 #
 # Ctrl-C, or any exit, stops everything the script started and removes its
@@ -370,7 +373,7 @@ TOML
 
 # 1. The Redis Cluster.
 redis_flags=(--cluster-enabled yes --cluster-node-timeout 2000 --cluster-require-full-coverage no
-  --bind 127.0.0.1 --save "" --appendonly no --dir "$work")
+  --repl-diskless-sync-delay 0 --bind 127.0.0.1 --save "" --appendonly no --dir "$work")
 ((redis_major < 7)) || redis_flags+=(--enable-debug-command local)
 for port in "${REDIS_PORTS[@]}"; do
   redis-server "${redis_flags[@]}" --port "$port" --cluster-config-file "$work/nodes-$port.conf" \
@@ -383,15 +386,24 @@ done
 echo "Creating the Redis Cluster (3 masters, 3 replicas)..."
 redis-cli --cluster create "${REDIS_PORTS[@]/#/127.0.0.1:}" --cluster-replicas 1 --cluster-yes \
   >"$work/cluster-create.log" 2>&1 || { cat "$work/cluster-create.log" >&2; fail "redis-cli --cluster create failed"; }
+# Ready: the node says cluster_state:ok and, when it is a replica, its link
+# to its master is up (its first sync is done).
+node_ready() {
+  redis-cli -p "$1" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
+  local replication
+  replication=$(redis-cli -p "$1" info replication 2>/dev/null) || return 1
+  grep -q '^role:master' <<<"$replication" || grep -q '^master_link_status:up' <<<"$replication"
+}
 for _ in $(seq 300); do
-  ok=0
+  ready=0
   for port in "${REDIS_PORTS[@]}"; do
-    redis-cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' && ok=$((ok + 1))
+    node_ready "$port" && ready=$((ready + 1))
   done
-  ((ok < ${#REDIS_PORTS[@]})) || break
+  ((ready < ${#REDIS_PORTS[@]})) || break
   sleep 0.1
 done
-((ok == ${#REDIS_PORTS[@]})) || fail "only $ok of ${#REDIS_PORTS[@]} Redis nodes say cluster_state:ok after 30 s"
+((ready == ${#REDIS_PORTS[@]})) ||
+  fail "only $ready of ${#REDIS_PORTS[@]} Redis nodes say cluster_state:ok (and, replicas, master_link_status:up) after 30 s"
 
 # 2. The example upstreams.
 for entry in "${UPSTREAMS[@]}"; do
