@@ -97,6 +97,7 @@ LB_URL=http://127.0.0.1:$LB_PORT
 names=()
 pids=()
 work=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-fleet.XXXXXX")
+# shellcheck disable=SC2317  # run by the EXIT trap
 stop_all() {
   trap - EXIT
   if ((${#pids[@]})); then
@@ -495,24 +496,34 @@ MSG
 
 # Prints, with the time, each process that stops and each change of the
 # cluster's state or masters, as one of the live nodes sees it.
-reported=()
-last_view=""
-while true; do
-  for i in "${!pids[@]}"; do
-    if [[ -z ${reported[$i]:-} ]] && ! kill -0 "${pids[$i]}" 2>/dev/null; then
-      echo "[$(date +%T)] ${names[$i]} (pid ${pids[$i]}) stopped"
-      reported[i]=1
+watch_fleet() {
+  local reported=() last_view="" view state i
+  while true; do
+    for i in "${!pids[@]}"; do
+      if [[ -z ${reported[$i]:-} ]] && ! kill -0 "${pids[$i]}" 2>/dev/null; then
+        echo "[$(date +%T)] ${names[$i]} (pid ${pids[$i]}) stopped"
+        reported[i]=1
+      fi
+    done
+    view=$(redis_any cluster nodes | awk '$3 ~ /master/ && ($3 ~ /fail/ || $9 != "") {
+        sub(/.*:/, "", $2); sub(/@.*/, "", $2); print ($3 ~ /fail/ ? "failed" : "masters"), $2 }' |
+      sort -k2n | awk '{ list[$1] = list[$1] " " $2 }
+        END { printf "masters:%s", list["masters"]; if (list["failed"] != "") printf "; failed:%s", list["failed"] }' || true)
+    state=$(redis_any cluster info | sed -n 's/^\(cluster_state:[a-z]*\).*/\1/p' || true)
+    view="${state:-no Redis node answers} ${view}"
+    if [[ $view != "$last_view" ]]; then
+      echo "[$(date +%T)] $view"
+      last_view=$view
     fi
+    sleep 1
   done
-  view=$(redis_any cluster nodes | awk '$3 ~ /master/ && ($3 ~ /fail/ || $9 != "") {
-      sub(/.*:/, "", $2); sub(/@.*/, "", $2); print ($3 ~ /fail/ ? "failed" : "masters"), $2 }' |
-    sort -k2n | awk '{ list[$1] = list[$1] " " $2 }
-      END { printf "masters:%s", list["masters"]; if (list["failed"] != "") printf "; failed:%s", list["failed"] }' || true)
-  state=$(redis_any cluster info | sed -n 's/^\(cluster_state:[a-z]*\).*/\1/p' || true)
-  view="${state:-no Redis node answers} ${view}"
-  if [[ $view != "$last_view" ]]; then
-    echo "[$(date +%T)] $view"
-    last_view=$view
-  fi
-  sleep 1
-done
+}
+
+# The watcher runs in the background (so Ctrl-C does not reach the commands
+# it runs) while this shell waits in `wait`, where the INT trap runs at once.
+# In the foreground, a command that caught the SIGINT and exited normally
+# would make bash skip the trap, and the fleet would keep running.
+watch_fleet &
+names+=(watcher) pids+=($!)
+wait "${pids[-1]}" || true
+fail "the watcher (pid ${pids[-1]}) stopped; stopping the fleet"
