@@ -28,14 +28,24 @@
 //!
 //! On a cluster, a worker keeps one [`ClusterConnection`]: a multiplexed
 //! handle on a connection per node that follows `MOVED`/`ASK`, refreshes
-//! the slot map and reconnects by itself, so it is kept across failures
-//! (deadpool-redis's cluster pool builds its client from the URLs alone, so
-//! no timeouts, retry bound or TLS roots could be set, and checking one out
-//! would PING per decision for nothing). `SCRIPT LOAD` after a NOSCRIPT goes
-//! to every master.
+//! the slot map and reconnects by itself when a node's connection breaks,
+//! so it is kept across errors (deadpool-redis's cluster pool builds its
+//! client from the URLs alone, so no timeouts, retry bound or TLS roots
+//! could be set, and checking one out would PING per decision for nothing).
+//! `SCRIPT LOAD` after a NOSCRIPT goes to every master. What it does not
+//! notice is a master that stops answering without closing its connections
+//! (its host lost, a partition): it keeps sending that master's slots to it
+//! after a replica has taken over. So a decision that times out drops the
+//! handle, and the next one is made afresh from the seeds, which learns the
+//! slot map as the live nodes see it. A handle is made by a task of its own,
+//! not by the request that needs it: discovery may take longer than one
+//! request may wait (a seed that accepts and never answers costs a whole
+//! `connection_timeout`), and a request's deadline must not cancel it.
 
 use std::cell::RefCell;
 use std::time::Duration;
+
+use futures_util::future::{FutureExt, LocalBoxFuture, Shared};
 
 use deadpool_redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
 use deadpool_redis::redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -137,6 +147,8 @@ pub enum RedisError {
     Redis(#[from] deadpool_redis::redis::RedisError),
     #[error("unexpected script reply")]
     Reply,
+    #[error("redis cluster: {0}")]
+    Cluster(String),
 }
 
 impl RedisError {
@@ -147,7 +159,7 @@ impl RedisError {
     fn is_broken_connection(&self) -> bool {
         match self {
             Self::Redis(err) => err.is_io_error() || err.is_unrecoverable_error(),
-            Self::Timeout(_) | Self::Pool(_) | Self::Reply => false,
+            Self::Timeout(_) | Self::Pool(_) | Self::Reply | Self::Cluster(_) => false,
         }
     }
 }
@@ -169,11 +181,14 @@ enum Backend {
         client: Box<ClusterClient>,
         /// The worker's handle on the cluster, once one was made.
         connection: RefCell<Option<ClusterConnection>>,
-        /// Held while a handle is being made, so the requests that find none
-        /// wait for that one instead of each discovering the cluster.
-        connecting: tokio::sync::Mutex<()>,
+        /// The handle being made, awaited by every request that finds none.
+        making: RefCell<Option<MakingCluster>>,
     },
 }
+
+/// A [`ClusterConnection`] being made by a task of its own; the error is
+/// kept as text so that every waiter gets it.
+type MakingCluster = Shared<LocalBoxFuture<'static, Result<ClusterConnection, String>>>;
 
 impl RedisStore {
     /// `roots`: the PEM trust anchors for `rediss://` when they are not the
@@ -220,7 +235,7 @@ impl RedisStore {
             Backend::Cluster {
                 client: Box::new(client),
                 connection: RefCell::new(None),
-                connecting: tokio::sync::Mutex::new(()),
+                making: RefCell::new(None),
             }
         };
         Ok(Self {
@@ -273,11 +288,12 @@ impl RedisStore {
             Ok(result) => result,
             Err(_) => Err(RedisError::Timeout(self.timeout)),
         };
-        if result.is_err() {
-            if let Backend::Node { connection, .. } = &self.backend {
-                // Start over from the pool, which reconnects with its timeouts.
-                connection.borrow_mut().take();
-            }
+        match (&self.backend, &result) {
+            // Start over from the pool, which reconnects with its timeouts.
+            (Backend::Node { connection, .. }, Err(_)) => drop(connection.borrow_mut().take()),
+            // A master that went silent: start over from the seeds.
+            (Backend::Cluster { connection, .. }, Err(RedisError::Timeout(_))) => drop(connection.borrow_mut().take()),
+            _ => {}
         }
         result
     }
@@ -307,7 +323,7 @@ impl RedisStore {
         let Backend::Cluster {
             client,
             connection,
-            connecting,
+            making,
         } = &self.backend
         else {
             unreachable!("called for a cluster only");
@@ -315,11 +331,25 @@ impl RedisStore {
         if let Some(cluster) = connection.borrow().as_ref() {
             return Ok(cluster.clone());
         }
-        let _making = connecting.lock().await;
-        if let Some(cluster) = connection.borrow().as_ref() {
-            return Ok(cluster.clone());
+        let pending = making
+            .borrow_mut()
+            .get_or_insert_with(|| {
+                let client = ClusterClient::clone(client);
+                let task =
+                    actix_rt::spawn(async move { client.get_async_connection().await.map_err(|err| err.to_string()) });
+                async move { task.await.unwrap_or_else(|err| Err(err.to_string())) }
+                    .boxed_local()
+                    .shared()
+            })
+            .clone();
+        let made = pending.clone().await;
+        {
+            let mut making = making.borrow_mut();
+            if making.as_ref().is_some_and(|current| current.ptr_eq(&pending)) {
+                *making = None;
+            }
         }
-        let cluster = client.get_async_connection().await?;
+        let cluster = made.map_err(RedisError::Cluster)?;
         *connection.borrow_mut() = Some(cluster.clone());
         Ok(cluster)
     }

@@ -156,6 +156,8 @@ fn parse_cluster_nodes(text: &str) -> Vec<NodeView> {
 struct ClusterNode {
     port: u16,
     child: Mutex<Option<Child>>,
+    /// SIGSTOPped: its sockets accept, nothing answers (a lost host).
+    frozen: std::sync::atomic::AtomicBool,
     _dir: tempfile::TempDir,
 }
 
@@ -209,6 +211,7 @@ impl ClusterNode {
                     return Self {
                         port,
                         child: Mutex::new(Some(child)),
+                        frozen: Default::default(),
                         _dir: dir,
                     };
                 }
@@ -222,8 +225,17 @@ impl ClusterNode {
         panic!("no cluster node started on a free port");
     }
 
+    /// Running and answering.
     fn alive(&self) -> bool {
-        lock(&self.child).is_some()
+        lock(&self.child).is_some() && !self.frozen.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn freeze(&self) {
+        if let Some(child) = lock(&self.child).as_ref() {
+            let status = Command::new("kill").arg("-STOP").arg(child.id().to_string()).status();
+            assert!(status.is_ok_and(|status| status.success()), "kill -STOP redis-server");
+            self.frozen.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn kill(&self) {
@@ -385,7 +397,16 @@ impl RedisCluster {
         port
     }
 
-    /// Once the master of `key`'s slot was killed: true when the live node
+    /// SIGSTOPs the master serving `key`'s slot, as when its host is lost:
+    /// connections to it stay open and new ones are accepted by the kernel,
+    /// but nothing answers. Its port. (Killed, and so thawed, on drop.)
+    pub fn freeze_master_of(&self, key: &str) -> u16 {
+        let port = self.master_for_key(key);
+        self.nodes.iter().find(|node| node.port == port).unwrap().freeze();
+        port
+    }
+
+    /// Once the master of `key`'s slot was killed or frozen: true when the live node
     /// `port` has taken the slot over (it says so of itself: `myself,master`
     /// and the slot). Until then no node can answer for the slot.
     pub fn promoted(&self, port: u16, key: &str) -> bool {

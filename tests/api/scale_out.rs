@@ -414,6 +414,53 @@ fn a_killed_master_gets_on_backend_error_until_its_replica_takes_over_then_redis
     assert_refused(&request(), "Too many requests", &Shape::log(MAX, 60));
 }
 
+/// A master whose host is lost closes nothing: its connections stay open
+/// and nothing answers. Decisions for its slots time out into
+/// `on_backend_error`, within `redis_timeout_ms`, and once its replica has
+/// taken over the gateway finds the new master without a restart.
+#[test]
+fn a_master_that_stops_answering_is_left_for_its_replica_once_promoted() {
+    const TIMEOUT_MS: u64 = 300;
+    let slowest = Duration::from_millis(TIMEOUT_MS + 500);
+    let prefix = "scale-frozen";
+    let cluster = RedisCluster::start(3, 1);
+    let upstream = Upstream::start("app");
+    let gateway = behind_a_proxy().workers(1).start(&limited_route(
+        &format!("{}redis_timeout_ms = {TIMEOUT_MS}", on_cluster(&cluster, prefix)),
+        "[rate_limit.policies.frozen]\nwindow_s = 60\nmax = 100\n",
+        "frozen",
+        &upstream,
+    ));
+    let client = "198.51.100.8";
+    let key = key(prefix, client, "frozen");
+    let request = || {
+        let (reply, took) = timed_get_as_client(gateway.address, "/limited/x", client);
+        assert!(took < slowest, "a request took {took:?}: {reply:?}");
+        reply
+    };
+    assert_eq!(request().status, 200);
+    let replica = *cluster.replicas_of_master_of(&key).first().expect("a replica");
+
+    cluster.freeze_master_of(&key);
+    assert_backend_unavailable(&request());
+    let promoted = cluster.wait_for_failover(&key, Duration::from_secs(15));
+    assert_eq!(promoted, replica);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut reply = request();
+    while reply.status == 503 {
+        assert_backend_unavailable(&reply);
+        assert!(Instant::now() < deadline, "the gateway kept asking the silent master");
+        std::thread::sleep(Duration::from_millis(50));
+        reply = request();
+    }
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(
+        cluster.cli(promoted, &["--raw", "zcard", &key]).parse::<u64>().unwrap() >= 1,
+        "the promoted replica counts this client"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 3. Redis over TLS
 // ---------------------------------------------------------------------------
