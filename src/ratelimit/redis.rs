@@ -152,6 +152,16 @@ pub enum RedisError {
 }
 
 impl RedisError {
+    /// Nothing answered in time: this decision's deadline, or the Redis
+    /// client's own response timeout.
+    fn is_timeout(&self) -> bool {
+        match self {
+            Self::Timeout(_) => true,
+            Self::Redis(err) => err.is_timeout(),
+            Self::Pool(_) | Self::Reply | Self::Cluster(_) => false,
+        }
+    }
+
     /// The connection the script went out on is dead or unusable (closed,
     /// reset, unparsable reply), as opposed to Redis answering with an error
     /// or not answering in time. A failure to get a connection from the pool
@@ -292,7 +302,7 @@ impl RedisStore {
             // Start over from the pool, which reconnects with its timeouts.
             (Backend::Node { connection, .. }, Err(_)) => drop(connection.borrow_mut().take()),
             // A master that went silent: start over from the seeds.
-            (Backend::Cluster { connection, .. }, Err(RedisError::Timeout(_))) => drop(connection.borrow_mut().take()),
+            (Backend::Cluster { connection, .. }, Err(err)) if err.is_timeout() => drop(connection.borrow_mut().take()),
             _ => {}
         }
         result
