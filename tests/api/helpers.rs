@@ -1207,6 +1207,21 @@ fn pause(wait: Duration, stopped: &AtomicBool) {
 // A real Redis
 // ---------------------------------------------------------------------------
 
+/// A raw `PING` to a Redis on loopback `port`: true on `+PONG` (a node that
+/// is loading, or a port someone else holds, answers otherwise or not at all).
+pub fn answers_ping(port: u16) -> bool {
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 7];
+    stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+}
+
 /// A `redis-server` child process on a loopback port of its own, without
 /// automatic persistence (only `restart_keeping_data` saves), killed when
 /// dropped.
@@ -1266,16 +1281,7 @@ impl RedisServer {
 
     /// A raw `PING` over TCP.
     pub fn answers_ping(&self) -> bool {
-        let address: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        if stream.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut reply = [0u8; 7];
-        stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+        answers_ping(self.port)
     }
 
     /// SIGKILL: no goodbye to the gateways' connections, no save.

@@ -11,8 +11,7 @@
 //! drop it kills it, so nothing outlives the tests of the binary.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -23,7 +22,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use crate::helpers::free_port;
+use crate::helpers::{answers_ping, free_port};
 
 /// How long a node may take to answer its first PING, and a cluster to agree
 /// on its slots after `--cluster create`.
@@ -35,9 +34,18 @@ const POLL: Duration = Duration::from_millis(20);
 /// `redis-cli args…` (over TLS, trusting the CA in `pki`, when given): its
 /// trimmed output, or `None` when redis-cli failed.
 fn try_redis_cli(pki: Option<&Path>, args: &[String]) -> Option<String> {
+    redis_cli_with(pki, None, args)
+}
+
+/// [`try_redis_cli`] with `password` (through the environment, where `ps`
+/// does not show it).
+fn redis_cli_with(pki: Option<&Path>, password: Option<&str>, args: &[String]) -> Option<String> {
     let mut command = Command::new("redis-cli");
     if let Some(pki) = pki {
         command.arg("--tls").arg("--cacert").arg(pki.join(CA_FILE));
+    }
+    if let Some(password) = password {
+        command.env("REDISCLI_AUTH", password);
     }
     let output = command
         .args(args)
@@ -58,21 +66,6 @@ fn redis_cli(pki: Option<&Path>, args: &[String]) -> String {
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|&arg| arg.to_owned()).collect()
-}
-
-/// A raw `PING` over TCP: true on `+PONG` (a node that is loading, or a port
-/// someone else holds, answers otherwise or not at all).
-fn answers_ping(port: u16) -> bool {
-    let address: SocketAddr = ([127, 0, 0, 1], port).into();
-    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    if stream.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut reply = [0u8; 7];
-    stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
 }
 
 /// Kills `child` (SIGKILL: no goodbye, no save) and reaps it.
@@ -668,27 +661,11 @@ impl Drop for TlsRedis {
 }
 
 /// `redis-cli --tls -p <port> args…` trusting the CA in `pki`, with
-/// `password` (through the environment, where `ps` does not show it).
+/// `password`.
 fn tls_cli(pki: &Path, port: u16, password: Option<&str>, args: &[&str]) -> Option<String> {
-    let mut command = Command::new("redis-cli");
-    command
-        .arg("--tls")
-        .arg("--cacert")
-        .arg(pki.join(CA_FILE))
-        .args(["-p", &port.to_string()]);
-    if let Some(password) = password {
-        command.env("REDISCLI_AUTH", password);
-    }
-    let output = command
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .expect("redis-cli is installed");
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    let mut all = strings(&["-p", &port.to_string()]);
+    all.extend(strings(args));
+    redis_cli_with(Some(pki), password, &all)
 }
 
 /// The files of [`new_test_pki`].

@@ -331,31 +331,45 @@ fn a_script_flush_on_every_node_is_answered_by_reloading_the_script() {
 // 2. A master fails over
 // ---------------------------------------------------------------------------
 
+/// `redis_timeout_ms` of the failover tests.
+const FAILOVER_TIMEOUT_MS: u64 = 300;
+
+/// A gateway with one worker (one view of the cluster, so what it learns of
+/// a failover shows on every request that follows) on `cluster`, `deny`,
+/// [`FAILOVER_TIMEOUT_MS`], the policy `failover` of `max` a minute on
+/// `/limited`.
+fn gateway_for_failover(cluster: &RedisCluster, prefix: &str, max: u64, upstream: &Upstream) -> TestGateway {
+    behind_a_proxy().workers(1).start(&limited_route(
+        &format!(
+            "{}redis_timeout_ms = {FAILOVER_TIMEOUT_MS}",
+            on_cluster(cluster, prefix)
+        ),
+        &format!("[rate_limit.policies.failover]\nwindow_s = 60\nmax = {max}\nmessage = \"Too many requests\""),
+        "failover",
+        upstream,
+    ))
+}
+
+/// `GET /limited/x` as `client`, answered within the deadline of SPEC §4:
+/// no request waits on Redis longer than `redis_timeout_ms`, and half a
+/// second for everything else (a deadline, not a benchmark).
+fn within_deadline(gateway: &TestGateway, client: &str) -> RawResponse {
+    let slowest = Duration::from_millis(FAILOVER_TIMEOUT_MS + 500);
+    let (reply, took) = timed_get_as_client(gateway.address, "/limited/x", client);
+    assert!(took < slowest, "a request took {took:?}: {reply:?}");
+    reply
+}
+
 #[test]
 fn a_killed_master_gets_on_backend_error_until_its_replica_takes_over_then_redis_decides_again() {
     const MAX: u64 = 10;
-    const TIMEOUT_MS: u64 = 300;
-    // SPEC §4: no request waits on Redis longer than `redis_timeout_ms`;
-    // half a second for everything else. A deadline, not a benchmark.
-    let slowest = Duration::from_millis(TIMEOUT_MS + 500);
     let prefix = "scale-failover";
     let cluster = RedisCluster::start(3, 1);
     let upstream = Upstream::start("app");
-    // One worker: one view of the cluster, so what it learns of the
-    // failover shows on every request that follows.
-    let gateway = behind_a_proxy().workers(1).start(&limited_route(
-        &format!("{}redis_timeout_ms = {TIMEOUT_MS}", on_cluster(&cluster, prefix)),
-        &format!("[rate_limit.policies.failover]\nwindow_s = 60\nmax = {MAX}\nmessage = \"Too many requests\""),
-        "failover",
-        &upstream,
-    ));
+    let gateway = gateway_for_failover(&cluster, prefix, MAX, &upstream);
     let client = "198.51.100.7";
     let key = key(prefix, client, "failover");
-    let request = || {
-        let (reply, took) = timed_get_as_client(gateway.address, "/limited/x", client);
-        assert!(took < slowest, "a request took {took:?}: {reply:?}");
-        reply
-    };
+    let request = || within_deadline(&gateway, client);
 
     for remaining in [9, 8, 7] {
         let reply = request();
@@ -420,24 +434,13 @@ fn a_killed_master_gets_on_backend_error_until_its_replica_takes_over_then_redis
 /// taken over the gateway finds the new master without a restart.
 #[test]
 fn a_master_that_stops_answering_is_left_for_its_replica_once_promoted() {
-    const TIMEOUT_MS: u64 = 300;
-    let slowest = Duration::from_millis(TIMEOUT_MS + 500);
     let prefix = "scale-frozen";
     let cluster = RedisCluster::start(3, 1);
     let upstream = Upstream::start("app");
-    let gateway = behind_a_proxy().workers(1).start(&limited_route(
-        &format!("{}redis_timeout_ms = {TIMEOUT_MS}", on_cluster(&cluster, prefix)),
-        "[rate_limit.policies.frozen]\nwindow_s = 60\nmax = 100\n",
-        "frozen",
-        &upstream,
-    ));
+    let gateway = gateway_for_failover(&cluster, prefix, 100, &upstream);
     let client = "198.51.100.8";
-    let key = key(prefix, client, "frozen");
-    let request = || {
-        let (reply, took) = timed_get_as_client(gateway.address, "/limited/x", client);
-        assert!(took < slowest, "a request took {took:?}: {reply:?}");
-        reply
-    };
+    let key = key(prefix, client, "failover");
+    let request = || within_deadline(&gateway, client);
     assert_eq!(request().status, 200);
     let replica = *cluster.replicas_of_master_of(&key).first().expect("a replica");
 
