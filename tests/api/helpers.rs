@@ -1207,6 +1207,17 @@ fn pause(wait: Duration, stopped: &AtomicBool) {
 // A real Redis
 // ---------------------------------------------------------------------------
 
+/// The key names `redis-cli --raw keys …` printed, sorted.
+pub fn sorted_keys(output: &str) -> Vec<String> {
+    let mut keys: Vec<String> = output
+        .lines()
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect();
+    keys.sort();
+    keys
+}
+
 /// A raw `PING` to a Redis on loopback `port`: true on `+PONG` (a node that
 /// is loading, or a port someone else holds, answers otherwise or not at all).
 pub fn answers_ping(port: u16) -> bool {
@@ -1384,14 +1395,7 @@ impl RedisServer {
 
     /// The keys under `prefix`, sorted.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .cli(&["--raw", "keys", &format!("{prefix}:*")])
-            .lines()
-            .filter(|line| !line.is_empty())
-            .map(str::to_owned)
-            .collect();
-        keys.sort();
-        keys
+        sorted_keys(&self.cli(&["--raw", "keys", &format!("{prefix}:*")]))
     }
 
     pub fn zcard(&self, key: &str) -> u64 {

@@ -22,7 +22,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use crate::helpers::{answers_ping, free_port};
+use crate::helpers::{answers_ping, free_port, sorted_keys};
 
 /// How long a node may take to answer its first PING, and a cluster to agree
 /// on its slots after `--cluster create`.
@@ -522,19 +522,12 @@ impl RedisCluster {
 
     /// The keys under `prefix` (`<prefix>:*`) on every serving master, sorted.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
-        let mut keys: Vec<String> = self
+        let listed: Vec<String> = self
             .masters()
             .into_iter()
-            .flat_map(|port| {
-                self.cli(port, &["--raw", "keys", &format!("{prefix}:*")])
-                    .lines()
-                    .filter(|line| !line.is_empty())
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-            })
+            .map(|port| self.cli(port, &["--raw", "keys", &format!("{prefix}:*")]))
             .collect();
-        keys.sort();
-        keys
+        sorted_keys(&listed.join("\n"))
     }
 }
 
@@ -637,14 +630,7 @@ impl TlsRedis {
 
     /// The keys under `prefix` (`<prefix>:*`), sorted.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .cli(&["--raw", "keys", &format!("{prefix}:*")])
-            .lines()
-            .filter(|line| !line.is_empty())
-            .map(str::to_owned)
-            .collect();
-        keys.sort();
-        keys
+        sorted_keys(&self.cli(&["--raw", "keys", &format!("{prefix}:*")]))
     }
 
     fn kill(&mut self) {
