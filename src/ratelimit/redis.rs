@@ -35,15 +35,13 @@
 //! `SCRIPT LOAD` after a NOSCRIPT goes to every master. What it does not
 //! notice is a master that stops answering without closing its connections
 //! (its host lost, a partition): it keeps sending that master's slots to it
-//! after a replica has taken over. So a decision that times out drops the
-//! handle, and the next one is made afresh from the seeds, which learns the
-//! slot map as the live nodes see it. A handle is made by a task of its own,
-//! not by the request that needs it: discovery may take longer than one
-//! request may wait (a seed that accepts and never answers costs a whole
-//! `connection_timeout`), and a request's deadline must not cancel it.
+//! after a replica has taken over. So a decision that times out starts a new
+//! handle, made afresh from the seeds, which learns the slot map as the live
+//! nodes see it; see [`ClusterHandle`].
 
-use std::cell::RefCell;
-use std::time::Duration;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use futures_util::future::{FutureExt, LocalBoxFuture, Shared};
 
@@ -61,6 +59,11 @@ const POOL_SIZE_PER_WORKER: usize = 2;
 /// Attempts of one cluster command across redirections and reconnections;
 /// `redis_timeout_ms` bounds them all.
 const CLUSTER_RETRIES: u32 = 3;
+
+/// Least time between two attempts to make a cluster handle, per worker:
+/// while the cluster is unreachable, a request with no handle gets the last
+/// attempt's error at once rather than a connection to every seed.
+const CLUSTER_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// KEYS: one per policy. ARGV[1]: a unique member suffix; then per policy its
 /// algorithm (`l` log, `w` window), window (µs), max, key lifetime (ms).
@@ -187,18 +190,106 @@ enum Backend {
         /// The worker's connection, until it fails.
         connection: RefCell<Option<MultiplexedConnection>>,
     },
-    Cluster {
-        client: Box<ClusterClient>,
-        /// The worker's handle on the cluster, once one was made.
-        connection: RefCell<Option<ClusterConnection>>,
-        /// The handle being made, awaited by every request that finds none.
-        making: RefCell<Option<MakingCluster>>,
-    },
+    Cluster(Rc<ClusterHandle>),
 }
 
-/// A [`ClusterConnection`] being made by a task of its own; the error is
-/// kept as text so that every waiter gets it.
-type MakingCluster = Shared<LocalBoxFuture<'static, Result<ClusterConnection, String>>>;
+/// A worker's handle on the cluster, and how it is replaced.
+///
+/// A handle is made by a task of its own, not by the request that needs
+/// it: discovery connects to every seed and every node of the slot map and
+/// waits for them all, so a node that accepts and never answers costs a
+/// whole `connection_timeout`, longer than a request may wait, and a
+/// request's deadline must not cancel it. The task installs what it made.
+///
+/// Requests that find no handle wait for the one being made. A decision
+/// that times out on the handle in use starts a replacement in the
+/// background, and every request keeps using the old handle until the new
+/// one is installed: the clients of the masters that still answer are
+/// served throughout. One attempt at a time, and at most one per
+/// [`CLUSTER_RETRY_INTERVAL`].
+struct ClusterHandle {
+    client: ClusterClient,
+    /// The handle in use and its number (which attempt made it).
+    current: RefCell<Option<(u64, ClusterConnection)>>,
+    /// The attempt under way, awaited by every request that finds no handle.
+    making: RefCell<Option<MakingCluster>>,
+    attempts: Cell<u64>,
+    last_attempt: Cell<Option<Instant>>,
+    /// Why the latest attempt failed, until one succeeds.
+    last_failure: RefCell<Option<String>>,
+}
+
+/// An attempt to make a handle: its number and handle, or why it failed
+/// (as text, so that every waiter gets it).
+type MakingCluster = Shared<LocalBoxFuture<'static, Result<(u64, ClusterConnection), String>>>;
+
+impl ClusterHandle {
+    /// The handle in use, or the one being made (started when none is and
+    /// the last attempt is old enough).
+    async fn get(self: &Rc<Self>) -> Result<(u64, ClusterConnection), RedisError> {
+        if let Some(current) = self.current.borrow().as_ref() {
+            return Ok(current.clone());
+        }
+        let under_way = self.making.borrow().clone();
+        let pending = match under_way {
+            Some(pending) => pending,
+            None => match self.start_attempt() {
+                Some(pending) => pending,
+                None => {
+                    let why = self.last_failure.borrow().clone();
+                    return Err(RedisError::Cluster(why.unwrap_or_else(|| "unreachable".to_owned())));
+                }
+            },
+        };
+        pending.await.map_err(RedisError::Cluster)
+    }
+
+    /// A decision on handle `number` timed out: its replacement is started,
+    /// unless that handle was already replaced or one is under way.
+    fn timed_out(self: &Rc<Self>, number: u64) {
+        let in_use = self.current.borrow().as_ref().map(|(current, _)| *current);
+        if in_use == Some(number) && self.making.borrow().is_none() {
+            self.start_attempt();
+        }
+    }
+
+    /// Starts an attempt on a task of its own, unless one was started less
+    /// than [`CLUSTER_RETRY_INTERVAL`] ago.
+    fn start_attempt(self: &Rc<Self>) -> Option<MakingCluster> {
+        let now = Instant::now();
+        if self
+            .last_attempt
+            .get()
+            .is_some_and(|last| now.duration_since(last) < CLUSTER_RETRY_INTERVAL)
+        {
+            return None;
+        }
+        self.last_attempt.set(Some(now));
+        let number = self.attempts.get() + 1;
+        self.attempts.set(number);
+        let handle = Rc::clone(self);
+        let task = actix_rt::spawn(async move {
+            let made = handle.client.get_async_connection().await;
+            handle.making.borrow_mut().take();
+            match made {
+                Ok(cluster) => {
+                    *handle.current.borrow_mut() = Some((number, cluster.clone()));
+                    handle.last_failure.borrow_mut().take();
+                    Ok((number, cluster))
+                }
+                Err(err) => {
+                    *handle.last_failure.borrow_mut() = Some(err.to_string());
+                    Err(err.to_string())
+                }
+            }
+        });
+        let pending = async move { task.await.unwrap_or_else(|err| Err(err.to_string())) }
+            .boxed_local()
+            .shared();
+        *self.making.borrow_mut() = Some(pending.clone());
+        Some(pending)
+    }
+}
 
 impl RedisStore {
     /// `roots`: the PEM trust anchors for `rediss://` when they are not the
@@ -242,11 +333,14 @@ impl RedisStore {
             let client = builder
                 .build()
                 .map_err(|err| format!("rate_limit.redis_cluster: {err}"))?;
-            Backend::Cluster {
-                client: Box::new(client),
-                connection: RefCell::new(None),
+            Backend::Cluster(Rc::new(ClusterHandle {
+                client,
+                current: RefCell::new(None),
                 making: RefCell::new(None),
-            }
+                attempts: Cell::new(0),
+                last_attempt: Cell::new(None),
+                last_failure: RefCell::new(None),
+            }))
         };
         Ok(Self {
             backend,
@@ -276,6 +370,8 @@ impl RedisStore {
                 .arg(policy.max)
                 .arg(remembered_us.div_ceil(1000));
         }
+        // The cluster handle a decision went out on, to replace if it timed out.
+        let used_handle = Cell::new(None);
         let decide = async {
             match &self.backend {
                 Backend::Node { connection, .. } => match self.run_on_node(&invocation, policies).await {
@@ -288,9 +384,10 @@ impl RedisStore {
                     }
                     result => result,
                 },
-                Backend::Cluster { .. } => {
-                    let mut connection = self.cluster_connection().await?;
-                    run_script(&mut connection, &invocation, policies).await
+                Backend::Cluster(handle) => {
+                    let (number, mut cluster) = handle.get().await?;
+                    used_handle.set(Some(number));
+                    run_script(&mut cluster, &invocation, policies).await
                 }
             }
         };
@@ -301,8 +398,12 @@ impl RedisStore {
         match (&self.backend, &result) {
             // Start over from the pool, which reconnects with its timeouts.
             (Backend::Node { connection, .. }, Err(_)) => drop(connection.borrow_mut().take()),
-            // A master that went silent: start over from the seeds.
-            (Backend::Cluster { connection, .. }, Err(err)) if err.is_timeout() => drop(connection.borrow_mut().take()),
+            // A master that went silent: a new handle, from the seeds.
+            (Backend::Cluster(handle), Err(err)) if err.is_timeout() => {
+                if let Some(number) = used_handle.get() {
+                    handle.timed_out(number);
+                }
+            }
             _ => {}
         }
         result
@@ -327,41 +428,6 @@ impl RedisStore {
             }
         };
         run_script(&mut node, invocation, policies).await
-    }
-
-    async fn cluster_connection(&self) -> Result<ClusterConnection, RedisError> {
-        let Backend::Cluster {
-            client,
-            connection,
-            making,
-        } = &self.backend
-        else {
-            unreachable!("called for a cluster only");
-        };
-        if let Some(cluster) = connection.borrow().as_ref() {
-            return Ok(cluster.clone());
-        }
-        let pending = making
-            .borrow_mut()
-            .get_or_insert_with(|| {
-                let client = ClusterClient::clone(client);
-                let task =
-                    actix_rt::spawn(async move { client.get_async_connection().await.map_err(|err| err.to_string()) });
-                async move { task.await.unwrap_or_else(|err| Err(err.to_string())) }
-                    .boxed_local()
-                    .shared()
-            })
-            .clone();
-        let made = pending.clone().await;
-        {
-            let mut making = making.borrow_mut();
-            if making.as_ref().is_some_and(|current| current.ptr_eq(&pending)) {
-                *making = None;
-            }
-        }
-        let cluster = made.map_err(RedisError::Cluster)?;
-        *connection.borrow_mut() = Some(cluster.clone());
-        Ok(cluster)
     }
 }
 

@@ -182,6 +182,8 @@ impl ClusterNode {
                 // A replica takes over however long its link was down: a
                 // test's failover never waits on replication history.
                 .args(["--cluster-replica-validity-factor", "0"])
+                // A failed master stops its own slots only, not the cluster's.
+                .args(["--cluster-require-full-coverage", "no"])
                 // A replica's first sync starts at once rather than after
                 // the 5 s that diskless replication waits for more replicas.
                 .args(["--repl-diskless-sync-delay", "0"])

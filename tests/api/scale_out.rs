@@ -443,9 +443,25 @@ fn a_master_that_stops_answering_is_left_for_its_replica_once_promoted() {
     let request = || within_deadline(&gateway, client);
     assert_eq!(request().status, 200);
     let replica = *cluster.replicas_of_master_of(&key).first().expect("a replica");
+    // A client whose key lives on another master.
+    let frozen = cluster.master_for_key(&key);
+    let bystander = (1..=254)
+        .map(|n| format!("198.51.100.{n}"))
+        .find(|other| cluster.master_for_key(&self::key(prefix, other, "failover")) != frozen)
+        .expect("a client on another master");
 
     cluster.freeze_master_of(&key);
     assert_backend_unavailable(&request());
+    // Until the replica takes over, the other masters' clients are served
+    // by Redis as before, however often this client's decisions time out.
+    let mut served_meanwhile = 0;
+    while !cluster.promoted(replica, &key) {
+        assert_backend_unavailable(&request());
+        let reply = within_deadline(&gateway, &bystander);
+        assert_eq!(reply.status, 200, "a client of a live master: {reply:?}");
+        served_meanwhile += 1;
+    }
+    assert!(served_meanwhile >= 1, "no request was made while the master was silent");
     let promoted = cluster.wait_for_failover(&key, Duration::from_secs(15));
     assert_eq!(promoted, replica);
 
