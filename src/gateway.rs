@@ -52,12 +52,11 @@ pub fn compile(settings: &Settings) -> Result<Runtime, Vec<String>> {
             .ok(),
         None => None,
     };
-    if settings.rate_limit.backend == RateLimitBackend::Redis {
-        // What building a worker's limiter would refuse (an unparsable URL,
-        // an unreadable CA), refused at start-up and reload instead.
-        if let Err(err) =
-            crate::ratelimit::RateLimiter::new(&settings.rate_limit, &settings.upstream, &Default::default())
-        {
+    if let (Some(gateway), RateLimitBackend::Redis) = (&gateway, settings.rate_limit.backend) {
+        // What building a worker's limiter would refuse (an unparsable URL),
+        // refused at start-up and reload instead.
+        let roots = gateway.redis_roots.as_deref();
+        if let Err(err) = crate::ratelimit::RateLimiter::new(&settings.rate_limit, roots, &Default::default()) {
             problems.push(err);
         }
     }
@@ -116,6 +115,9 @@ pub struct Gateway {
     pub any_route_has_cors: bool,
     /// TLS for `https://` instances (proxying and probes).
     pub upstream_tls: Arc<rustls::ClientConfig>,
+    /// The trust anchors `rediss://` is verified against, read with the
+    /// rest of the configuration (see [`crate::tls::redis_root_certificates`]).
+    pub redis_roots: Option<Arc<[u8]>>,
 }
 
 impl Gateway {
@@ -226,6 +228,10 @@ impl Gateway {
             any_route_drops_security_headers,
             any_route_has_cors,
             upstream_tls: crate::tls::upstream_client_config(&settings.upstream)?,
+            redis_roots: match settings.rate_limit.backend {
+                RateLimitBackend::Redis => crate::tls::redis_root_certificates(&settings.upstream)?.map(Arc::from),
+                RateLimitBackend::Memory => None,
+            },
         })
     }
 

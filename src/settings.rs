@@ -313,6 +313,15 @@ impl TryFrom<String> for LimitAlgorithm {
     }
 }
 
+/// The Redis client reads options from a URL's fragment, `#insecure` (no
+/// certificate verification) among them: refused.
+const NO_FRAGMENT: &str = "must not have a #fragment (a TLS connection is always verified)";
+
+/// Bounds on a policy, which keep every count and time (µs) well inside
+/// what the Redis script's doubles and the gateway's integers hold.
+pub const MAX_POLICY_MAX: u64 = 1_000_000_000;
+pub const MAX_WINDOW_S: u64 = 366 * 24 * 3600;
+
 /// Above this `max`, a `sliding_log` policy's memory per client is worth a
 /// start-up warning (SPEC §12).
 pub const LARGE_LOG_MAX: u64 = 10_000;
@@ -839,9 +848,21 @@ impl Settings {
             if policy.max == 0 {
                 problem(format!("{key}.max"), "must be greater than 0".to_owned());
             }
+            if policy.max > MAX_POLICY_MAX {
+                problem(format!("{key}.max"), format!("must be at most {MAX_POLICY_MAX}"));
+            }
+            if policy.window_s > MAX_WINDOW_S {
+                problem(
+                    format!("{key}.window_s"),
+                    format!("must be at most {MAX_WINDOW_S} (366 days)"),
+                );
+            }
         }
         if rate_limit.redis_cluster.is_empty() {
             match url::Url::parse(rate_limit.redis_url.expose()) {
+                Ok(url) if url.fragment().is_some() => {
+                    problem("rate_limit.redis_url".to_owned(), NO_FRAGMENT.to_owned())
+                }
                 Ok(url) if matches!(url.scheme(), "redis" | "rediss" | "unix" | "redis+unix") => {}
                 _ => problem(
                     "rate_limit.redis_url".to_owned(),
@@ -853,6 +874,7 @@ impl Settings {
         for (index, seed) in rate_limit.redis_cluster.iter().enumerate() {
             let key = format!("rate_limit.redis_cluster[{index}]");
             match url::Url::parse(seed.expose()) {
+                Ok(url) if url.fragment().is_some() => problem(key, NO_FRAGMENT.to_owned()),
                 Ok(url) if matches!(url.scheme(), "redis" | "rediss") && url.host().is_some() => {
                     cluster_schemes.insert(url.scheme().to_owned());
                     if !matches!(url.path(), "" | "/" | "/0") {
@@ -1401,6 +1423,22 @@ service = "user"
             (
                 "[rate_limit]\nredis_cluster = [\"redis://127.0.0.1:7000\", \"http://x\"]",
                 "rate_limit.redis_cluster[1]: must be a redis:// or rediss:// URL with a host",
+            ),
+            (
+                "[rate_limit]\nredis_url = \"rediss://127.0.0.1:6380/#insecure\"",
+                "rate_limit.redis_url: must not have a #fragment",
+            ),
+            (
+                "[rate_limit]\nredis_cluster = [\"rediss://127.0.0.1:7000#insecure\"]",
+                "rate_limit.redis_cluster[0]: must not have a #fragment",
+            ),
+            (
+                "[rate_limit.policies.p]\nwindow_s = 1\nmax = 1000000001",
+                "rate_limit.policies.p.max: must be at most 1000000000",
+            ),
+            (
+                "[rate_limit.policies.p]\nwindow_s = 31622401\nmax = 1",
+                "rate_limit.policies.p.window_s: must be at most 31622400",
             ),
             (
                 "[rate_limit]\nredis_cluster = [\"redis://127.0.0.1:7000/2\"]",

@@ -195,12 +195,12 @@ impl Snapshot {
         let limiter = previous
             .filter(|previous| {
                 same_limiter(&previous.rate_limit, &deployment.rate_limit)
-                    && previous.upstream.ca_file == deployment.upstream.ca_file
+                    && previous.gateway.redis_roots == gateway.redis_roots
             })
             .map_or_else(
                 || {
                     Rc::new(
-                        RateLimiter::new(&deployment.rate_limit, &deployment.upstream, shared_limits)
+                        RateLimiter::new(&deployment.rate_limit, gateway.redis_roots.as_deref(), shared_limits)
                             .expect("the configuration compiled, so its limiter builds"),
                     )
                 },

@@ -48,7 +48,8 @@ enum Counter {
     /// admissions already logged.
     Log { window_us: u64, admissions: VecDeque<u64> },
     /// `sliding_window`: the fixed window starting at `start_us` and the one
-    /// before it. A new `window_s` starts the counts over.
+    /// before it. A new `window_s` carries the estimate over (see
+    /// [`Counter::follow`]).
     Window {
         window_us: u64,
         start_us: u64,
@@ -73,12 +74,32 @@ impl Counter {
         }
     }
 
-    /// Adopts the policy as configured now: its window, or a fresh counter
-    /// when a reload changed how it counts.
-    fn follow(&mut self, policy: &Policy) {
+    /// Adopts the policy as configured now (SPEC §7: a new `window_s`
+    /// applies to the admissions already counted). A log takes the new
+    /// window as it is. A window pair knows no admission times, so its
+    /// estimate under the old window, rounded up, becomes the current count
+    /// of the new window's current fixed window: nothing counted is lost, and
+    /// it fades as any count does. A reload that changes how a policy counts
+    /// starts it over.
+    fn follow(&mut self, policy: &Policy, now_us: u64) {
         match (&mut *self, policy.algorithm) {
             (Self::Log { window_us, .. }, LimitAlgorithm::SlidingLog) => *window_us = policy.window_us(),
             (Self::Window { window_us, .. }, LimitAlgorithm::SlidingWindow) if *window_us == policy.window_us() => {}
+            (Self::Window { window_us, .. }, LimitAlgorithm::SlidingWindow) => {
+                let old_window = (*window_us).max(1);
+                self.bring_to(now_us);
+                let Self::Window { current, previous, .. } = *self else {
+                    unreachable!("matched above")
+                };
+                let weighted = super::weighted(old_window, current, previous, now_us);
+                let window = policy.window_us().max(1);
+                *self = Self::Window {
+                    window_us: window,
+                    start_us: now_us - now_us % window,
+                    current: weighted.div_ceil(u128::from(old_window)) as u64,
+                    previous: 0,
+                };
+            }
             _ => *self = Self::new(policy),
         }
     }
@@ -204,7 +225,7 @@ impl MemoryStore {
                 }
             };
             let counter = &mut counters[position].1;
-            counter.follow(policy);
+            counter.follow(policy, now_us);
             counter.bring_to(now_us);
             admitted &= policy.admits(counter.tally(now_us), now_us);
             positions.push(position);
@@ -352,6 +373,21 @@ mod tests {
         assert_eq!(admitted.states[0].remaining, 0);
         // A window with nothing before it starts empty.
         assert!(store.check_at("c", &policies, 45 * SECOND).states[0].remaining == 3);
+    }
+
+    #[test]
+    fn a_new_window_keeps_what_a_sliding_window_counted() {
+        let store = MemoryStore::new();
+        let short = window_policy(10, 3);
+        let long = window_policy(20, 3);
+        // Two admitted at 12 s in the 10 s window [10 s, 20 s).
+        assert!(store.check_at("c", &[(0, &short)], 12 * SECOND).admitted);
+        assert!(store.check_at("c", &[(0, &short)], 12 * SECOND).admitted);
+        // Reloaded to 20 s: the two still count, so one more fits.
+        let third = store.check_at("c", &[(0, &long)], 13 * SECOND);
+        assert!(third.admitted);
+        assert_eq!(third.states[0].remaining, 0);
+        assert!(!store.check_at("c", &[(0, &long)], 13 * SECOND).admitted);
     }
 
     #[test]

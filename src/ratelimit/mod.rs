@@ -29,9 +29,7 @@ use std::time::Duration;
 use actix_web::http::header::HeaderValue;
 
 use crate::error::GatewayError;
-use crate::settings::{
-    BackendErrorMode, LimitAlgorithm, PolicyKey, RateLimitBackend, RateLimitSettings, UpstreamSettings,
-};
+use crate::settings::{BackendErrorMode, LimitAlgorithm, PolicyKey, RateLimitBackend, RateLimitSettings};
 
 /// One configured policy, compiled once.
 #[derive(Debug)]
@@ -89,9 +87,7 @@ impl Policy {
         let Tally::Window { current, previous } = tally else {
             return 0;
         };
-        let window = self.window_us().max(1);
-        let still_covered = u128::from(window - now_us % window);
-        u128::from(previous) * still_covered + u128::from(current) * u128::from(window)
+        weighted(self.window_us(), current, previous, now_us)
     }
 
     /// Where this policy stands once a decision is recorded in `tally`.
@@ -134,6 +130,16 @@ impl Policy {
         };
         (remaining, u64::try_from(wait).unwrap_or(u64::MAX))
     }
+}
+
+/// A fixed-window pair's estimate of the admissions in the sliding window
+/// of `window_us` ending at `now_us`, times the window: the current fixed
+/// window's count, plus the previous one's weighted by the part of it the
+/// sliding window still covers.
+pub fn weighted(window_us: u64, current: u64, previous: u64, now_us: u64) -> u128 {
+    let window = window_us.max(1);
+    let still_covered = u128::from(window - now_us % window);
+    u128::from(previous) * still_covered + u128::from(current) * u128::from(window)
 }
 
 /// What one policy's counter holds for one client key.
@@ -198,13 +204,28 @@ impl Verdict {
 }
 
 /// Turns what each policy's counter holds after one decision into a verdict.
+///
+/// A refusal always names an exhausted policy: should the store refuse
+/// where this arithmetic still finds room (the script computes in doubles,
+/// which round once `max` × window passes 2^53 µs), the most restrictive
+/// policy is reported at 0 and the refusal stands.
 pub fn verdict_from_tallies(policies: &[(usize, &Policy)], admitted: bool, now_us: u64, tallies: &[Tally]) -> Verdict {
-    let states = policies
-        .iter()
-        .zip(tallies)
-        .map(|((index, policy), &tally)| policy.state(*index, tally, now_us))
-        .collect();
-    Verdict { admitted, states }
+    let mut verdict = Verdict {
+        admitted,
+        states: policies
+            .iter()
+            .zip(tallies)
+            .map(|((index, policy), &tally)| policy.state(*index, tally, now_us))
+            .collect(),
+    };
+    if !admitted && verdict.refusing().is_none() {
+        if let Some(most) = verdict.most_restrictive() {
+            for state in verdict.states.iter_mut().filter(|state| **state == most) {
+                state.remaining = 0;
+            }
+        }
+    }
+    verdict
 }
 
 /// The Redis key of one policy for one client: the braces are a Redis Cluster
@@ -242,18 +263,12 @@ impl RateLimiter {
     /// Builds a worker's limiter; with the Redis backend this creates the
     /// worker's pool (connections are opened lazily, so a Redis that is down
     /// at start-up does not stop the gateway).
-    /// `upstream` names the extra CA that `rediss://` trusts.
-    pub fn new(
-        settings: &RateLimitSettings,
-        upstream: &UpstreamSettings,
-        shared: &SharedLimits,
-    ) -> Result<Self, String> {
+    /// `roots`: the trust anchors for `rediss://`, when not the public web
+    /// roots alone ([`crate::gateway::Gateway::redis_roots`]).
+    pub fn new(settings: &RateLimitSettings, roots: Option<&[u8]>, shared: &SharedLimits) -> Result<Self, String> {
         let store = match settings.backend {
             RateLimitBackend::Memory => Store::Memory,
-            RateLimitBackend::Redis => {
-                let roots = crate::tls::redis_root_certificates(upstream)?;
-                Store::Redis(Box::new(redis::RedisStore::new(settings, roots.as_deref())?))
-            }
+            RateLimitBackend::Redis => Store::Redis(Box::new(redis::RedisStore::new(settings, roots)?)),
         };
         Ok(Self {
             store,
@@ -370,6 +385,17 @@ mod tests {
                 reset_s: 7
             }]
         );
+    }
+
+    #[test]
+    fn a_refusal_always_names_an_exhausted_policy() {
+        let policy = Policy::new("p", 10, 3, PolicyKey::Ip, "m").counted_by(LimitAlgorithm::SlidingWindow);
+        let room_left = Tally::Window {
+            current: 1,
+            previous: 0,
+        };
+        let verdict = verdict_from_tallies(&[(0, &policy)], false, 5_000_000, &[room_left]);
+        assert_eq!(verdict.refusing().map(|state| state.remaining), Some(0));
     }
 
     #[test]

@@ -79,9 +79,12 @@ const CLUSTER_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// double, and `math.fmod` is exact, so the window boundaries match the
 /// gateway's integer arithmetic.
 ///
-/// A window key is a hash: `s` the current fixed window's start (µs), `c`
-/// its count, `p` the previous window's count. A key of the other type (the
-/// policy's algorithm changed on reload) is dropped and starts over.
+/// A window key is a hash: `w` the window (µs) it counts in, `s` the current
+/// fixed window's start (µs), `c` its count, `p` the previous window's
+/// count. Counted in another window (a reload changed `window_s`), its
+/// estimate under that window, rounded up, becomes the current count of the
+/// new one, as in the memory store. A key of the other type (the policy's
+/// algorithm changed on reload) is dropped and starts over.
 const DECIDE: &str = r#"
 local time = redis.call('TIME')
 local now_text = time[1] .. string.rep('0', 6 - #time[2]) .. time[2]
@@ -102,13 +105,23 @@ for i = 1, #KEYS do
     local elapsed = math.fmod(now, window)
     local start = string.format('%d', now - elapsed)
     local current, previous = 0, 0
-    local stored = redis.pcall('HMGET', KEYS[i], 's', 'c', 'p')
+    local stored = redis.pcall('HMGET', KEYS[i], 's', 'c', 'p', 'w')
     if stored.err then
       redis.call('DEL', KEYS[i])
-    elseif stored[1] == start then
-      current, previous = tonumber(stored[2]) or 0, tonumber(stored[3]) or 0
-    elseif stored[1] and tonumber(stored[1]) == now - elapsed - window then
-      previous = tonumber(stored[2]) or 0
+    elseif stored[1] then
+      local counted_in = tonumber(stored[4]) or window
+      local held_elapsed = math.fmod(now, counted_in)
+      local held_start = now - held_elapsed
+      local c, p = tonumber(stored[2]) or 0, tonumber(stored[3]) or 0
+      if tonumber(stored[1]) == held_start then
+        current, previous = c, p
+      elseif tonumber(stored[1]) == held_start - counted_in then
+        current, previous = 0, c
+      end
+      if counted_in ~= window then
+        current = math.ceil((previous * (counted_in - held_elapsed) + current * counted_in) / counted_in)
+        previous = 0
+      end
     end
     held[i] = { current, previous, start }
     if previous * (window - elapsed) + (current + 1) * window > max * window then admitted = 0 end
@@ -130,7 +143,8 @@ for i = 1, #KEYS do
     local current, previous = held[i][1], held[i][2]
     if admitted == 1 then
       current = current + 1
-      redis.call('HSET', KEYS[i], 's', held[i][3], 'c', string.format('%d', current), 'p', string.format('%d', previous))
+      redis.call('HSET', KEYS[i], 'w', ARGV[4 * i - 1], 's', held[i][3], 'c', string.format('%d', current),
+        'p', string.format('%d', previous))
       redis.call('PEXPIRE', KEYS[i], ARGV[4 * i + 1])
     end
     result[#result + 1] = current
@@ -302,7 +316,7 @@ impl RedisStore {
         };
         let backend = if settings.redis_cluster.is_empty() {
             let url = settings.redis_url.expose();
-            let info = match url.starts_with("rediss:") {
+            let info = match is_tls(url) {
                 true => Client::build_with_tls(url, certificates()).map(|client| client.get_connection_info().clone()),
                 false => url.into_connection_info(),
             }
@@ -327,7 +341,7 @@ impl RedisStore {
                 .connection_timeout(timeout)
                 .response_timeout(timeout)
                 .retries(CLUSTER_RETRIES);
-            if seeds.iter().any(|seed| seed.starts_with("rediss:")) {
+            if seeds.iter().any(|seed| is_tls(seed)) {
                 builder = builder.certs(certificates());
             }
             let client = builder
@@ -429,6 +443,11 @@ impl RedisStore {
         };
         run_script(&mut node, invocation, policies).await
     }
+}
+
+/// A `rediss://` URL (schemes are case-insensitive).
+fn is_tls(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|url| url.scheme() == "rediss")
 }
 
 async fn run_script(

@@ -800,3 +800,47 @@ fn a_sliding_log_with_a_large_max_is_warned_about_at_start_up() {
         "no warning for the window policy:\n{log}"
     );
 }
+
+/// SPEC §7: a reload that changes a policy's `window_s` keeps its counts.
+/// A sliding window knows no admission times, so what it counted carries
+/// into the new window whole (as the estimate under the old one).
+#[actix_web::test]
+async fn a_sliding_window_keeps_its_counts_when_a_reload_changes_window_s() {
+    let prefix = "scale-window-reload";
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("app");
+    let policy = |window_s: u64| {
+        format!("[rate_limit.policies.window]\nwindow_s = {window_s}\nmax = 3\nalgorithm = \"sliding_window\"\n")
+    };
+    let rate_limit = format!(
+        "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"{prefix}\"\non_backend_error = \"deny\"\n",
+        redis.url()
+    );
+    let gateway = behind_a_proxy().start(&limited_route(&rate_limit, &policy(60), "window", &upstream));
+    let client = "203.0.113.30";
+    for _ in 0..2 {
+        assert_eq!(get_as_client(gateway.address, "/limited/x", client).status, 200);
+    }
+
+    std::fs::write(
+        gateway.settings_file(),
+        gateway.config_text(&limited_route(&rate_limit, &policy(120), "window", &upstream)),
+    )
+    .unwrap();
+    assert_eq!(gateway.reload().await, Ok(2));
+
+    let third = get_as_client(gateway.address, "/limited/x", client);
+    assert_eq!(third.status, 200, "{third:?}");
+    assert_limit_headers(&third, &Shape::window(3, 120), 0);
+    let fourth = get_as_client(gateway.address, "/limited/x", client);
+    assert_eq!(
+        fourth.status, 429,
+        "the two admitted before the reload still count: {fourth:?}"
+    );
+    let key = key(prefix, client, "window");
+    assert_eq!(
+        redis.cli(&["hget", &key, "w"]),
+        "120000000",
+        "the key counts in the new window"
+    );
+}
