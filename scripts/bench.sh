@@ -17,7 +17,9 @@
 # to CPU 0; wrk, the two upstream nginx instances and Redis to the other CPUs.
 # Each round runs every scenario once (A B C … A B C …); the table reports
 # medians. CPU per request is the proxy's utime+stime from /proc/<pid>/stat
-# over the run, divided by the requests wrk completed.
+# over the run, divided by the requests wrk completed. "load CPU busy" is how
+# busy the load CPUs were over the run (/proc/stat): near 100 %, wrk, the
+# upstreams and Redis rather than the proxy limited the requests per second.
 #
 # HTTPS: both proxies also listen with TLS, with one self-signed ECDSA P-256
 # certificate made at start, TLS 1.2 and 1.3, the cipher suites and key
@@ -355,6 +357,13 @@ SCENARIOS=(
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 redis_ticks() { local pid sum=0; for pid in "${REDIS_PIDS[@]}"; do sum=$((sum + $(cpu_ticks "$pid"))); done; echo "$sum"; }
+# Busy and total ticks of the load CPUs (every CPU but the proxy's), from
+# /proc/stat: how close wrk, the upstreams and Redis came to saturating them.
+load_cpu_ticks() {
+  awk -v proxy="cpu$PROXY_CPU" '$1 ~ /^cpu[0-9]+$/ && $1 != proxy {
+    busy += $2 + $3 + $4 + $7 + $8; total += $2 + $3 + $4 + $5 + $6 + $7 + $8 }
+    END { print busy, total }' /proc/stat
+}
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 
@@ -375,6 +384,7 @@ run_one() { # round name url pid header connections tool
   fi
   before=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
   redis_before=$(redis_ticks)
+  read -r load_busy_before load_total_before < <(load_cpu_ticks)
   if [ "$tool" = h2 ]; then
     : >"$WORK/h2load.log"
     "${load[@]}" h2load -t1 -c"$conns" -m"$H2_STREAMS" -D "$DURATION" --log-file="$WORK/h2load.log" "$url" >"$WORK/out.txt" || true
@@ -386,10 +396,12 @@ run_one() { # round name url pid header connections tool
   fi
   after=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
   redis_after=$(redis_ticks)
+  read -r load_busy_after load_total_after < <(load_cpu_ticks)
+  local load_percent=$(( 100 * (load_busy_after - load_busy_before) / (load_total_after - load_total_before + 1) ))
   python3 - "$round" "$name" "$conns" "$((after - before))" "$(getconf CLK_TCK)" "$RESULTS" "$((redis_after - redis_before))" \
-    "$tool" "$WORK" <<'PY'
+    "$tool" "$WORK" "$load_percent" <<'PY'
 import re, statistics, sys
-round_, name, conns, ticks, hz, path, redis_ticks, tool, work = sys.argv[1:10]
+round_, name, conns, ticks, hz, path, redis_ticks, tool, work, load_percent = sys.argv[1:11]
 out = open(f"{work}/out.txt").read()
 def dur(pattern):
     found = re.search(pattern + r"\s+([\d.]+)(us|ms|s|m)\b", out)
@@ -440,7 +452,7 @@ if errors:
 cpu_us = int(ticks) / int(hz) * 1e6 / requests if requests and int(ticks) else 0.0
 with open(path, "a") as f:
     redis_us = int(redis_ticks) / int(hz) * 1e6 / requests if requests else 0.0
-    f.write(f"{round_}\t{name}\t{conns}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{errors}\t{cpu_us:.2f}\t{redis_us:.2f}\n")
+    f.write(f"{round_}\t{name}\t{conns}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{errors}\t{cpu_us:.2f}\t{redis_us:.2f}\t{load_percent}\n")
 PY
 }
 
@@ -491,11 +503,11 @@ TLS_KINDS = ("TLS", "h2", "handshakes")
 rows = defaultdict(list)
 order = []
 for line in open(path):
-    rnd, name, conns, rps, p50, p99, errors, cpu, redis_cpu = line.rstrip("\n").split("\t")
+    rnd, name, conns, rps, p50, p99, errors, cpu, redis_cpu, load = line.rstrip("\n").split("\t")
     key = (name, int(conns))
     if key not in rows:
         order.append(key)
-    rows[key].append((float(rps), float(p50), float(p99), int(errors), float(cpu), float(redis_cpu)))
+    rows[key].append((float(rps), float(p50), float(p99), int(errors), float(cpu), float(redis_cpu), float(load)))
 def med(key, i):
     return statistics.median(r[i] for r in rows[key])
 print(f"Medians of {rounds} interleaved rounds of {duration} s (wrk -t1; proxy pinned to one CPU, one worker).")
@@ -504,8 +516,8 @@ if any(name.rsplit(" ", 1)[-1] in TLS_KINDS for name, _ in order):
           f" `Connection: close`, a new connection and full TLS handshake per request (req/s = handshakes/s, CPU µs per"
           f" handshake; wrk's latency starts after the handshake). h2 latencies are from h2load's request log.")
 print()
-print("| scenario | conns | req/s | p50 ms | p99 ms | errors | CPU µs/req | req/s vs direct | req/s vs nginx | CPU vs nginx |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| scenario | conns | req/s | p50 ms | p99 ms | errors | CPU µs/req | req/s vs direct | req/s vs nginx | CPU vs nginx | load CPU busy |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for name, conns in order:
     key = (name, conns)
     rps, p50, p99, cpu = med(key, 0), med(key, 1), med(key, 2), med(key, 4)
@@ -519,7 +531,7 @@ for name, conns in order:
     cpu_nginx = f"{cpu / med(nginx, 4):.2f}" if nginx in rows and cpu and med(nginx, 4) else ""
     cpu_text = f"{cpu:.1f}" if cpu else "–"
     conns_text = f"{conns}×{h2_streams}" if kind == "h2" else conns
-    print(f"| {name} | {conns_text} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {errors} | {cpu_text} | {vs_direct} | {vs_nginx} | {cpu_nginx} |")
+    print(f"| {name} | {conns_text} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {errors} | {cpu_text} | {vs_direct} | {vs_nginx} | {cpu_nginx} | {med(key, 6):.0f} % |")
 print()
 def ratio(a, b, i):
     return med(a, i) / med(b, i) if a in rows and b in rows and med(b, i) else float("nan")
