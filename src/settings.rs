@@ -1179,7 +1179,11 @@ impl Parsed {
     /// `line`, naming the environment variable that set its key, if one did.
     fn with_variable(&self, line: String) -> String {
         let key = line.split(": ").next().unwrap_or(&line);
-        let steps: Vec<Step> = key.split('.').map(|part| Step::Key(part.to_owned())).collect();
+        // `key[i]` names an item of a list; a variable sets the whole list.
+        let steps: Vec<Step> = key
+            .split('.')
+            .map(|part| Step::Key(part.split('[').next().unwrap_or(part).to_owned()))
+            .collect();
         with_variable(&self.tree, &steps, line)
     }
 }
@@ -1627,6 +1631,24 @@ service = "user"
                 "health.interval_ms: must be greater than 0 (from the environment variable GATEHOUSE__HEALTH__INTERVAL_MS)",
                 "auth.jwt_secret: must be at least 32 bytes (from the environment variable JWT_SECRET)",
             ]
+        );
+    }
+
+    #[test]
+    fn a_bad_cluster_seed_from_the_environment_names_the_variable() {
+        let found = problems_with_vars(
+            "",
+            &[(
+                "GATEHOUSE__RATE_LIMIT__REDIS_CLUSTER",
+                "redis://127.0.0.1:7000,http://x",
+            )],
+        );
+        assert!(
+            found
+                .iter()
+                .any(|line| line.starts_with("rate_limit.redis_cluster[1]: ")
+                    && line.ends_with("(from the environment variable GATEHOUSE__RATE_LIMIT__REDIS_CLUSTER)")),
+            "{found:?}"
         );
     }
 
