@@ -8,9 +8,9 @@
 #   scripts/bench.sh [ROUNDS] [SECONDS]      (defaults: 5 rounds of 10 s)
 #   BASELINE=path/to/gatehouse scripts/bench.sh …
 #
-# With BASELINE, that binary (an earlier build) serves the public route too,
-# with the same settings, interleaved with the others: an A/B of a change in
-# one run. ONLY=<regex> keeps the scenarios whose names match it and skips
+# With BASELINE, that binary (an earlier build) serves the public and the
+# JWT + Redis-limited routes too, with the same settings, interleaved with
+# the others: an A/B of a change in one run. ONLY=<regex> keeps the scenarios whose names match it and skips
 # the sustained run, e.g. ONLY='^(nginx|gatehouse public|baseline public)$'
 # or ONLY='TLS|h2|handshake' for the HTTPS scenarios alone.
 # The system under test (nginx proxy or gatehouse, one worker each) is pinned
@@ -336,6 +336,7 @@ SCENARIOS=(
   "nginx equal work|http://127.0.0.1:$NGINX_EQUAL/api/products/item|$NGINX_EQUAL_PID|"
   "gatehouse public|http://127.0.0.1:$GATEHOUSE/public/item|$GATEHOUSE_PID|"
   ${BASELINE:+"baseline public|http://127.0.0.1:$BASELINE_PORT/public/item|$BASELINE_PID|"}
+  ${BASELINE:+"baseline JWT+Redis limit|http://127.0.0.1:$BASELINE_PORT/limited/item|$BASELINE_PID|Authorization: Bearer $TOKEN"}
   "gatehouse public, no metrics|http://127.0.0.1:$GATEHOUSE_NO_METRICS/public/item|$NO_METRICS_PID|"
   "gatehouse public, info log|http://127.0.0.1:$GATEHOUSE_INFO_LOG/public/item|$INFO_LOG_PID|"
   "gatehouse JWT|http://127.0.0.1:$GATEHOUSE/jwt/item|$GATEHOUSE_PID|Authorization: Bearer $TOKEN"
@@ -557,10 +558,11 @@ if limit("node", "sliding_log") in rows and limit("cluster", "sliding_log") in r
           f" (sliding_log), {med(limit('cluster', 'sliding_window'), 0):.0f} (sliding_window)")
 public, no_metrics, info_log = ("gatehouse public", 64), ("gatehouse public, no metrics", 64), ("gatehouse public, info log", 64)
 for conns in (64, 256):
-    baseline = ("baseline public", conns)
-    if baseline in rows:
-        print(f"- c{conns}: this build against BASELINE on the public route: CPU/req {100 * (ratio(('gatehouse public', conns), baseline, 4) - 1):+.1f} %,"
-              f" req/s {100 * (ratio(('gatehouse public', conns), baseline, 0) - 1):+.1f} %, p99 {med(('gatehouse public', conns), 2):.2f} vs {med(baseline, 2):.2f} ms")
+    for route, ours in (("public route", "gatehouse public"), ("JWT+Redis route", "gatehouse JWT+Redis limit")):
+        baseline = (ours.replace("gatehouse", "baseline", 1), conns)
+        if baseline in rows and (ours, conns) in rows:
+            print(f"- c{conns}: this build against BASELINE on the {route}: CPU/req {100 * (ratio((ours, conns), baseline, 4) - 1):+.1f} %,"
+                  f" req/s {100 * (ratio((ours, conns), baseline, 0) - 1):+.1f} %, p99 {med((ours, conns), 2):.2f} vs {med(baseline, 2):.2f} ms")
 for conns in (64, 256):
     public, equal = ("gatehouse public", conns), ("nginx equal work", conns)
     if public in rows and equal in rows:
