@@ -392,6 +392,31 @@ impl RedisCluster {
         port
     }
 
+    /// Moves `key`'s slot, with its keys, from its master to the master on
+    /// `to`, as `redis-cli --cluster reshard` does for each slot (IMPORTING,
+    /// MIGRATING, MIGRATE, then SETSLOT NODE on every master): a client with
+    /// the old slot map is answered `MOVED` from then on.
+    pub fn move_slot_of(&self, key: &str, to: u16) {
+        let slot = self.slot_of(key).to_string();
+        let from = self.master_for_key(key);
+        assert_ne!(from, to, "{key} is already served by {to}");
+        let view = self.view();
+        let id_of = |port: u16| view.iter().find(|node| node.port == port).unwrap().id.clone();
+        let (from_id, to_id) = (id_of(from), id_of(to));
+        self.cli(to, &["cluster", "setslot", &slot, "importing", &from_id]);
+        self.cli(from, &["cluster", "setslot", &slot, "migrating", &to_id]);
+        let keys = self.cli(from, &["--raw", "cluster", "getkeysinslot", &slot, "1000"]);
+        for moving in keys.lines().filter(|line| !line.is_empty()) {
+            let to_port = to.to_string();
+            self.cli(from, &["migrate", "127.0.0.1", &to_port, moving, "0", "5000"]);
+        }
+        for master in self.masters() {
+            self.cli(master, &["cluster", "setslot", &slot, "node", &to_id]);
+        }
+        let moved = self.poll_until(START_LIMIT, || self.agreed_owner(slot.parse().unwrap()) == Some(to));
+        assert!(moved, "slot {slot} did not move to {to}: {:#?}", self.view());
+    }
+
     /// SIGSTOPs the master serving `key`'s slot, as when its host is lost:
     /// connections to it stay open and new ones are accepted by the kernel,
     /// but nothing answers. Its port. (Killed, and so thawed, on drop.)

@@ -480,6 +480,58 @@ fn a_master_that_stops_answering_is_left_for_its_replica_once_promoted() {
     );
 }
 
+/// SPEC §12: slots are discovered from any seed node and `MOVED`
+/// redirections are followed. The gateway knows one seed; the client's slot
+/// then moves, with its keys, to another master while the gateway runs.
+#[test]
+fn a_slot_that_moves_to_another_master_is_followed_with_its_counts() {
+    const MAX: u64 = 5;
+    let prefix = "scale-moved";
+    let cluster = RedisCluster::start(3, 0);
+    let upstream = Upstream::start("app");
+    let one_seed = format!("[\"{}\"]", cluster.seed_urls()[0]);
+    let gateway = behind_a_proxy().workers(1).start(&limited_route(
+        &format!(
+            "backend = \"redis\"\nredis_cluster = {one_seed}\nkey_prefix = \"{prefix}\"\non_backend_error = \"deny\"\nredis_timeout_ms = 2000\n"
+        ),
+        &format!("[rate_limit.policies.failover]\nwindow_s = 60\nmax = {MAX}\nmessage = \"Too many requests\""),
+        "failover",
+        &upstream,
+    ));
+    let client = "198.51.100.9";
+    let key = key(prefix, client, "failover");
+    for remaining in [4, 3, 2] {
+        let reply = get_as_client(gateway.address, "/limited/x", client);
+        assert_limit_headers(&reply, &Shape::log(MAX, 60), remaining);
+    }
+    let from = cluster.master_for_key(&key);
+    let to = *cluster.masters().iter().find(|&&port| port != from).unwrap();
+
+    cluster.move_slot_of(&key, to);
+
+    for remaining in [1, 0] {
+        let reply = get_as_client(gateway.address, "/limited/x", client);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_limit_headers(&reply, &Shape::log(MAX, 60), remaining);
+    }
+    assert_refused(
+        &get_as_client(gateway.address, "/limited/x", client),
+        "Too many requests",
+        &Shape::log(MAX, 60),
+    );
+    assert_eq!(
+        cluster.cli(to, &["--raw", "zcard", &key]),
+        MAX.to_string(),
+        "counted on {to}"
+    );
+    let slot = cluster.slot_of(&key).to_string();
+    assert_eq!(
+        cluster.cli(from, &["--raw", "cluster", "countkeysinslot", &slot]),
+        "0",
+        "nothing left on {from}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 3. Redis over TLS
 // ---------------------------------------------------------------------------
