@@ -395,8 +395,10 @@ impl RedisCluster {
     /// Moves `key`'s slot, with its keys, from its master to the master on
     /// `to`, as `redis-cli --cluster reshard` does for each slot (IMPORTING,
     /// MIGRATING, MIGRATE, then SETSLOT NODE on every master): a client with
-    /// the old slot map is answered `MOVED` from then on.
-    pub fn move_slot_of(&self, key: &str, to: u16) {
+    /// the old slot map is answered `MOVED` from then on. `midway` runs once
+    /// the keys have moved and before the slot has: meanwhile the old master
+    /// answers `ASK` for them.
+    pub fn move_slot_of(&self, key: &str, to: u16, midway: impl FnOnce()) {
         let slot = self.slot_of(key).to_string();
         let from = self.master_for_key(key);
         assert_ne!(from, to, "{key} is already served by {to}");
@@ -410,6 +412,7 @@ impl RedisCluster {
             let to_port = to.to_string();
             self.cli(from, &["migrate", "127.0.0.1", &to_port, moving, "0", "5000"]);
         }
+        midway();
         for master in self.masters() {
             self.cli(master, &["cluster", "setslot", &slot, "node", &to_id]);
         }

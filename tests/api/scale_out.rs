@@ -480,9 +480,11 @@ fn a_master_that_stops_answering_is_left_for_its_replica_once_promoted() {
     );
 }
 
-/// SPEC §12: slots are discovered from any seed node and `MOVED`
+/// SPEC §12: slots are discovered from any seed node and `MOVED`/`ASK`
 /// redirections are followed. The gateway knows one seed; the client's slot
-/// then moves, with its keys, to another master while the gateway runs.
+/// then moves, with its keys, to another master while the gateway runs: a
+/// decision while the slot is migrating is sent where its key went (`ASK`),
+/// and the ones after the move go to the new master (`MOVED`).
 #[test]
 fn a_slot_that_moves_to_another_master_is_followed_with_its_counts() {
     const MAX: u64 = 5;
@@ -500,14 +502,18 @@ fn a_slot_that_moves_to_another_master_is_followed_with_its_counts() {
     ));
     let client = "198.51.100.9";
     let key = key(prefix, client, "failover");
-    for remaining in [4, 3, 2] {
+    for remaining in [4, 3] {
         let reply = get_as_client(gateway.address, "/limited/x", client);
         assert_limit_headers(&reply, &Shape::log(MAX, 60), remaining);
     }
     let from = cluster.master_for_key(&key);
     let to = *cluster.masters().iter().find(|&&port| port != from).unwrap();
 
-    cluster.move_slot_of(&key, to);
+    cluster.move_slot_of(&key, to, || {
+        let reply = get_as_client(gateway.address, "/limited/x", client);
+        assert_eq!(reply.status, 200, "while the slot migrates: {reply:?}");
+        assert_limit_headers(&reply, &Shape::log(MAX, 60), 2);
+    });
 
     for remaining in [1, 0] {
         let reply = get_as_client(gateway.address, "/limited/x", client);
