@@ -388,16 +388,21 @@ impl RedisStore {
         let used_handle = Cell::new(None);
         let decide = async {
             match &self.backend {
-                Backend::Node { connection, .. } => match self.run_on_node(&invocation, policies).await {
-                    Err(err) if err.is_broken_connection() => {
-                        // The pool checks what it still holds (deadpool-redis
-                        // PINGs on recycle, and drops what fails) and
-                        // connects anew when nothing is left.
-                        connection.borrow_mut().take();
-                        self.run_on_node(&invocation, policies).await
+                Backend::Node { pool, connection } => {
+                    let mut node = node_connection(pool, connection).await?;
+                    match run_script(&mut node, &invocation, policies).await {
+                        Err(err) if err.is_broken_connection() => {
+                            // The pool checks what it still holds
+                            // (deadpool-redis PINGs on recycle, and drops
+                            // what fails) and connects anew when nothing
+                            // is left.
+                            connection.borrow_mut().take();
+                            let mut fresh = node_connection(pool, connection).await?;
+                            run_script(&mut fresh, &invocation, policies).await
+                        }
+                        result => result,
                     }
-                    result => result,
-                },
+                }
                 Backend::Cluster(handle) => {
                     let (number, mut cluster) = handle.get().await?;
                     used_handle.set(Some(number));
@@ -422,27 +427,21 @@ impl RedisStore {
         }
         result
     }
+}
 
-    async fn run_on_node(
-        &self,
-        invocation: &ScriptInvocation<'_>,
-        policies: &[(usize, &Policy)],
-    ) -> Result<Verdict, RedisError> {
-        let Backend::Node { pool, connection } = &self.backend else {
-            unreachable!("called for a single node only");
-        };
-        let cached = connection.borrow().clone();
-        let mut node = match cached {
-            Some(node) => node,
-            None => {
-                let pooled = pool.get().await?;
-                let node = MultiplexedConnection::clone(&pooled);
-                *connection.borrow_mut() = Some(node.clone());
-                node
-            }
-        };
-        run_script(&mut node, invocation, policies).await
+/// The worker's connection to its one node, or a new one from the pool,
+/// kept until it fails.
+async fn node_connection(
+    pool: &Pool,
+    connection: &RefCell<Option<MultiplexedConnection>>,
+) -> Result<MultiplexedConnection, RedisError> {
+    if let Some(node) = connection.borrow().as_ref() {
+        return Ok(node.clone());
     }
+    let pooled = pool.get().await?;
+    let node = MultiplexedConnection::clone(&pooled);
+    *connection.borrow_mut() = Some(node.clone());
+    Ok(node)
 }
 
 /// A `rediss://` URL (schemes are case-insensitive).

@@ -127,10 +127,12 @@ fn key(prefix: &str, client: &str, policy: &str) -> String {
 /// The `[rate_limit]` keys for `cluster`; a failing backend shows as a 503
 /// rather than as an admission counted somewhere else.
 fn on_cluster(cluster: &RedisCluster, prefix: &str) -> String {
-    format!(
-        "backend = \"redis\"\nredis_cluster = {}\nkey_prefix = \"{prefix}\"\non_backend_error = \"deny\"\n",
-        cluster.seeds_toml()
-    )
+    on_seeds(&cluster.seeds_toml(), prefix)
+}
+
+/// [`on_cluster`] with the seeds given as a TOML array.
+fn on_seeds(seeds: &str, prefix: &str) -> String {
+    format!("backend = \"redis\"\nredis_cluster = {seeds}\nkey_prefix = \"{prefix}\"\non_backend_error = \"deny\"\n")
 }
 
 /// `[rate_limit]` with the keys `rate_limit` and the policy tables
@@ -493,9 +495,7 @@ fn a_slot_that_moves_to_another_master_is_followed_with_its_counts() {
     let upstream = Upstream::start("app");
     let one_seed = format!("[\"{}\"]", cluster.seed_urls()[0]);
     let gateway = behind_a_proxy().workers(1).start(&limited_route(
-        &format!(
-            "backend = \"redis\"\nredis_cluster = {one_seed}\nkey_prefix = \"{prefix}\"\non_backend_error = \"deny\"\nredis_timeout_ms = 2000\n"
-        ),
+        &format!("{}redis_timeout_ms = 2000\n", on_seeds(&one_seed, prefix)),
         &format!("[rate_limit.policies.failover]\nwindow_s = 60\nmax = {MAX}\nmessage = \"Too many requests\""),
         "failover",
         &upstream,
