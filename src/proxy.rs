@@ -306,32 +306,44 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
-/// [`is_hop_by_hop`] for a name given as text (the dashed form of an
-/// underscore spelling).
+/// The names [`is_hop_by_hop`] is true for, as text.
+const HOP_BY_HOP_NAMES: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+];
+
+/// [`is_hop_by_hop`] for a name given as text, in any case (a `Connection`
+/// token, or the dashed form of an underscore spelling).
 fn is_hop_by_hop_name(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-connection"
-    )
+    HOP_BY_HOP_NAMES
+        .iter()
+        .any(|hop_by_hop| name.eq_ignore_ascii_case(hop_by_hop))
 }
 
-/// The header names listed in `Connection`, lower-cased.
-fn connection_named(headers: &HeaderMap) -> Vec<String> {
+/// The header names listed in `Connection` besides the hop-by-hop ones,
+/// which go anyway: the usual `Connection: keep-alive` lists nothing, and
+/// costs no allocation. Compare with [`is_named`].
+fn connection_named(headers: &HeaderMap) -> Vec<&str> {
     headers
         .get_all(header::CONNECTION)
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .map(|token| token.trim().to_ascii_lowercase())
-        .filter(|token| !token.is_empty())
+        .map(str::trim)
+        .filter(|token| !token.is_empty() && !is_hop_by_hop_name(token))
         .collect()
+}
+
+/// Whether `name` is one of the `named` tokens (case-insensitive, as
+/// header names are).
+fn is_named(named: &[&str], name: &HeaderName) -> bool {
+    named.iter().any(|token| token.eq_ignore_ascii_case(name.as_str()))
 }
 
 /// Headers the gateway sets itself or never forwards, on top of hop-by-hop.
@@ -394,10 +406,7 @@ pub(crate) fn upstream_headers(req: &HttpRequest, gateway: &Gateway) -> HeaderMa
 
     let mut headers = HeaderMap::with_capacity(incoming.len() + 6);
     for (name, value) in incoming.iter() {
-        if is_hop_by_hop(name)
-            || is_gateway_owned(name, trusted_peer)
-            || named.iter().any(|token| token == name.as_str())
-        {
+        if is_hop_by_hop(name) || is_gateway_owned(name, trusted_peer) || is_named(&named, name) {
             continue;
         }
         headers.append(name.clone(), value.clone());
@@ -517,7 +526,7 @@ fn client_response(
             || name == header::CONTENT_LENGTH
             || name == header::SERVER
             || name == X_POWERED_BY
-            || named.iter().any(|token| token == name.as_str())
+            || is_named(&named, name)
         {
             continue;
         }
@@ -888,6 +897,21 @@ impl Stream for CappedPayload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_lists_only_the_names_that_are_not_hop_by_hop_anyway() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        assert!(connection_named(&headers).is_empty());
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("close, TE, X-Secret ,, upgrade"),
+        );
+        let named = connection_named(&headers);
+        assert_eq!(named, ["close", "X-Secret"]);
+        assert!(is_named(&named, &HeaderName::from_static("x-secret")));
+        assert!(!is_named(&named, &HeaderName::from_static("x-other")));
+    }
 
     fn instance(scheme: Scheme, authority: &str, base_path: &str) -> Instance {
         Instance {

@@ -32,11 +32,10 @@ use crate::auth::{TokenCache, Verifier};
 use crate::endpoints;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::middleware::auth::Authentication;
+use crate::middleware::access::Access;
 use crate::middleware::body_check::BodyCheck;
 use crate::middleware::connection_watch::ConnectionWatch;
 use crate::middleware::cors::preflight_response;
-use crate::middleware::rate_limit::{RateLimit, Stage};
 use crate::middleware::request_id::RequestIds;
 use crate::middleware::route_match::{RouteMatcher, Routed, Target};
 use crate::middleware::security_headers::SecurityHeaders;
@@ -343,9 +342,7 @@ impl Workers {
         App::new()
             .app_data(self.tunnel_shutdown.clone())
             .default_service(web::to(dispatch))
-            .wrap(RateLimit::new(Stage::User))
-            .wrap(Authentication)
-            .wrap(RateLimit::new(Stage::Address))
+            .wrap(Access)
             .wrap(RouteMatcher::new(context))
             .wrap(BodyCheck)
             .wrap(TracingLogger::<GatewayRootSpan>::new())

@@ -14,7 +14,7 @@ use std::future::{ready, Ready};
 use std::rc::Rc;
 
 use actix_web::body::{EitherBody, MessageBody};
-use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{Error, HttpMessage};
 use actix_web_httpauth::headers::authorization::Bearer;
@@ -153,28 +153,17 @@ fn authenticate(req: &ServiceRequest) -> Result<Option<Identity>, Refused> {
 }
 
 /// Step 5; the keys and the token cache come with each request's snapshot.
-pub struct Authentication;
-
-impl<S, B> Transform<S, ServiceRequest> for Authentication
-where
-    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
-    B: MessageBody + 'static,
-{
-    type Response = ServiceResponse<EitherBody<B>>;
-    type Error = Error;
-    type Transform = AuthenticationService<S>;
-    type InitError = ();
-    type Future = Ready<Result<Self::Transform, Self::InitError>>;
-
-    fn new_transform(&self, service: S) -> Self::Future {
-        ready(Ok(AuthenticationService {
-            service: Rc::new(service),
-        }))
-    }
-}
-
+/// Built by [`crate::middleware::access`].
 pub struct AuthenticationService<S> {
     service: Rc<S>,
+}
+
+impl<S> AuthenticationService<S> {
+    pub fn new(service: S) -> Self {
+        Self {
+            service: Rc::new(service),
+        }
+    }
 }
 
 impl<S, B> Service<ServiceRequest> for AuthenticationService<S>

@@ -10,14 +10,17 @@
 //! 5. [`route_match`]: head size, path normalization and route lookup;
 //!    the routed request's response gets its route's CORS headers
 //!    ([`cors`]).
-//! 6. [`rate_limit`] (address stage): policies keyed by client address.
-//! 7. [`auth`]: bearer token and roles, for routes that ask for them.
-//! 8. [`rate_limit`] (user stage): policies keyed by the JWT `sub`.
+//! 6. [`access`], one layer for the three stages below, which a request no
+//!    policy counts and no token guards skips:
+//!    - [`rate_limit`] (address stage): policies keyed by client address;
+//!    - [`auth`]: bearer token and roles, for routes that ask for them;
+//!    - [`rate_limit`] (user stage): policies keyed by the JWT `sub`.
 //!
 //! The dispatch handler in [`crate::worker`] answers 404/405, CORS
 //! preflights, the gateway's own endpoints, or forwards through
 //! [`crate::proxy`].
 
+pub mod access;
 pub mod auth;
 pub mod body_check;
 pub mod connection_watch;

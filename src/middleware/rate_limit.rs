@@ -11,12 +11,11 @@
 //! The address stage, being outer, writes the `RateLimit-*` headers of the
 //! most restrictive policy seen at either point onto the response.
 
-use std::future::{ready, Ready};
 use std::net::IpAddr;
 use std::rc::Rc;
 
 use actix_web::body::{EitherBody, MessageBody};
-use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::{Error, HttpMessage};
 use futures_util::future::{Either, LocalBoxFuture};
@@ -104,39 +103,20 @@ fn set_headers(headers: &mut HeaderMap, state: PolicyState, gateway: &Gateway) {
     headers.insert(RATELIMIT_RESET, HeaderValue::from(state.reset_s));
 }
 
-/// Reads the policies and the limiter from each request's snapshot.
-pub struct RateLimit {
-    stage: Stage,
-}
-
-impl RateLimit {
-    pub fn new(stage: Stage) -> Self {
-        Self { stage }
-    }
-}
-
-impl<S, B> Transform<S, ServiceRequest> for RateLimit
-where
-    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
-    B: MessageBody + 'static,
-{
-    type Response = ServiceResponse<EitherBody<B>>;
-    type Error = Error;
-    type Transform = RateLimitService<S>;
-    type InitError = ();
-    type Future = Ready<Result<Self::Transform, Self::InitError>>;
-
-    fn new_transform(&self, service: S) -> Self::Future {
-        ready(Ok(RateLimitService {
-            service: Rc::new(service),
-            stage: self.stage,
-        }))
-    }
-}
-
+/// One stage's limits; the policies and the limiter come with each
+/// request's snapshot. Built by [`crate::middleware::access`].
 pub struct RateLimitService<S> {
     service: Rc<S>,
     stage: Stage,
+}
+
+impl<S> RateLimitService<S> {
+    pub fn new(service: S, stage: Stage) -> Self {
+        Self {
+            service: Rc::new(service),
+            stage,
+        }
+    }
 }
 
 impl<S, B> Service<ServiceRequest> for RateLimitService<S>
