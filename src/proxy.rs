@@ -913,6 +913,15 @@ mod tests {
         assert!(!is_named(&named, &HeaderName::from_static("x-other")));
     }
 
+    #[test]
+    fn the_hop_by_hop_names_as_text_are_those_of_is_hop_by_hop() {
+        for name in HOP_BY_HOP_NAMES {
+            assert!(is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+            assert!(is_hop_by_hop_name(&name.to_ascii_uppercase()), "{name}");
+        }
+        assert!(!is_hop_by_hop_name("x-secret"));
+    }
+
     fn instance(scheme: Scheme, authority: &str, base_path: &str) -> Instance {
         Instance {
             url: format!("{scheme}://{authority}{base_path}"),
